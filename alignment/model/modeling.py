@@ -1,0 +1,186 @@
+"""The Qwen2 decoder: embeddings -> N x (RMSNorm, GQA attention, RMSNorm, SwiGLU) -> RMSNorm -> LM head.
+
+Parameter names match Hugging Face's `qwen2` checkpoints exactly, so `from_pretrained` reads
+Hub weights and `save_pretrained` writes weights that stock transformers and vLLM load.
+What differs from stock is how the work is done: SDPA without a mask whenever the batch has no
+padding, packed samples kept apart by the mask, and the loss computed through the LM head in
+chunks (`loss.py`) so full-vocabulary logits are never materialised when labels are given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention import AttentionMask, Qwen2Attention, build_attention_mask
+from .config import Qwen2Config
+from .loss import causal_lm_loss
+from .rope import RotaryEmbedding
+
+
+class Qwen2RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 and cast back (as Qwen2 does)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Qwen2MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [b, n, hidden]
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask, past_key_values)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2PreTrainedModel(PreTrainedModel):
+    config_class = Qwen2Config
+    config: Qwen2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, ones for RMSNorm
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters()
+
+
+class Qwen2Model(Qwen2PreTrainedModel):
+    def __init__(self, config: Qwen2Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(config.rope_parameters, head_dim, config.max_position_embeddings)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # [b, n]
+        attention_mask: torch.Tensor | None = None,  # [b, past + n] of 1/0
+        position_ids: torch.LongTensor | None = None,  # [b, n]
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # [b, n, hidden]
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        b, n, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + n, device=inputs_embeds.device).expand(b, n)
+
+        mask = build_attention_mask(attention_mask, position_ids, n, past_len)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, position_embeddings=position_embeddings, mask=mask, past_key_values=past_key_values
+            )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden[-1] = hidden_states
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__(config)
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,  # [b, n], unshifted, -100 = ignore
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool = False,
+        shift_labels: torch.LongTensor | None = None,  # [b, n], already shifted
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """With labels, returns the loss and no logits: the loss goes through the LM head in chunks."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state  # [b, n, hidden]
+        loss = logits = None
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])  # [b, kept, vocab]
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )

@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+from alignment.cli import STAGES, main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_stage():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for stage in STAGES:
+        assert stage in out.stdout
+
+
+def test_unbuilt_stage_says_so_and_fails(capsys):
+    assert main(["online-dpo"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):
+    out = _cli("init", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    files = {p.name for p in (tmp_path / "ck").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= files
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["vocab_size"] == 151936 and config["hidden_size"] == 128
+    chat = _cli("chat", "--model", str(tmp_path / "ck"), "--prompt", "Hi", "--max-new-tokens", "4")
+    assert chat.returncode == 0, chat.stderr
+    assert "user: Hi" in chat.stdout and "assistant:" in chat.stdout
+
+
+def test_unknown_preset_is_a_clear_error():
+    out = _cli("init", "--preset", "huge", "--out", "x")
+    assert out.returncode == 2 and "invalid choice: 'huge'" in out.stderr
