@@ -1,7 +1,9 @@
-"""`qwen2-align <stage>`: the one entry point the Makefile calls.
+"""`qwen2-align <command>`: the one entry point the Makefile calls.
 
-Every stage of the pipeline is listed in `--help`; stages whose work has not landed yet say
-so and exit with status 2, so scripts never mistake them for success.
+Pipeline stages take `--recipe FILE [--set key=value ...]`; the recipe is validated before
+anything runs. Stages whose work has not landed yet still validate their recipe, then say so
+and exit with status 2, so scripts never mistake them for success. Errors a user can fix
+(recipes, data, unreachable servers) print one line, no traceback, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -9,30 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-# name -> one-line help, in pipeline order. Stages with a handler in _HANDLERS are built.
-STAGES: dict[str, str] = {
-    "init": "write a randomly initialised checkpoint of a preset shape, with tokenizer",
-    "chat": "generate replies from a checkpoint for a few prompts",
-    "upcycle": "turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)",
-    "instag": "InsTag: tag instructions and normalise the tag ontology",
-    "select": "select instructions by tag diversity and complexity",
-    "evolve": "instruction evolution (Evol-Instruct / Tree-Instruct)",
-    "responses": "sample several responses per instruction from several models",
-    "annotate": "ranking web app: annotators order responses (SQLite)",
-    "rejection": "rejection sampling for math: correct paths to D, correct vs wrong to P",
-    "execution": "execution feedback: code and instruction-following checked in a sandbox",
-    "repurpose": "data repurposing: literature and role-play into instructions",
-    "constitution": "constitutional feedback: responses that follow or violate principles",
-    "decontam": "decontamination against test sets (13-gram, LCS)",
-    "sft": "supervised fine-tuning on D (TRL SFTTrainer)",
-    "rm": "reward model on P (TRL RewardTrainer)",
-    "dpo": "offline DPO on P (TRL DPOTrainer)",
-    "online-dpo": "online DPO with the online merging optimizer (OnDARE / OnTIES)",
-    "plan": "parameter count and memory per GPU for a recipe",
-    "push": "push a run's model, tokenizer and model card to the Hugging Face Hub",
-    "demo": "the whole pipeline on the tiny default",
-}
+from . import pipeline
 
 
 def _add_init(p: argparse.ArgumentParser) -> None:
@@ -58,18 +39,32 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hub id")
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--sample", action="store_true", help="sample with the checkpoint's settings (default greedy)")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
 
 def _run_chat(a: argparse.Namespace) -> int:
-    from .checkpoint import load_model_and_tokenizer
-    from .generation import generate_chat
+    from .generation import GenerationSpec, make_generator
 
-    model, tok = load_model_and_tokenizer(a.model)
-    model.eval()
-    convs = [[{"role": "user", "content": p}] for p in a.prompt]
-    for prompt, reply in zip(a.prompt, generate_chat(model, tok, convs, a.max_new_tokens, do_sample=a.sample)):
-        print(f"user: {prompt}\nassistant: {reply!r}\n")
+    spec = GenerationSpec(backend=a.backend, model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
+    with make_generator(spec) as gen:
+        replies = gen.generate([[{"role": "user", "content": p}] for p in a.prompt], spec.sampling(seed=0))
+    for prompt, reply in zip(a.prompt, replies):
+        print(f"user: {prompt}\nassistant: {reply[0].text!r}\n")
+    return 0
+
+
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", default="recipes/tiny", help="a directory of recipes (or one recipe file)")
+
+
+def _run_check(a: argparse.Namespace) -> int:
+    target = Path(a.recipes)
+    stages = [pipeline.load_recipe(target).stage] if target.is_file() else pipeline.check_recipe_dir(target)
+    if not stages:
+        print(f"{target}: no recipes found", file=sys.stderr)
+        return 2
+    print(f"{target}: {len(stages)} recipes valid ({', '.join(stages)})")
     return 0
 
 
@@ -78,19 +73,25 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    """Today: build the tiny model and chat with it. Later stages extend this."""
-    from pathlib import Path
-
+    """Today: validate the tiny recipes, build the tiny model and chat with it."""
+    _run_check(argparse.Namespace(recipes="recipes/tiny"))
     model_dir = Path(a.out) / "init"
     _run_init(argparse.Namespace(preset="tiny", out=str(model_dir), seed=0, dtype="float32", initializer_range=None))
     prompts = ["What is 2 + 3?", "Name a colour.", "Say hello in French.", "写一首关于春天的诗。"]
-    return _run_chat(argparse.Namespace(model=str(model_dir), prompt=prompts, max_new_tokens=16, sample=False))
+    return _run_chat(argparse.Namespace(model=str(model_dir), prompt=prompts, max_new_tokens=16,
+                                        backend="transformers", temperature=0.0))
 
 
-_HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "init": (_add_init, _run_init),
-    "chat": (_add_chat, _run_chat),
-    "demo": (_add_demo, _run_demo),
+Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int] | None]
+# Tools around the stages; a None runner means not built yet.
+COMMANDS: dict[str, Command] = {
+    "init": ("write a randomly initialised checkpoint of a preset shape, with tokenizer", _add_init, _run_init),
+    "chat": ("generate replies from a checkpoint for a few prompts", _add_chat, _run_chat),
+    "check": ("validate recipes without running anything", _add_check, _run_check),
+    "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)", None, None),
+    "plan": ("parameter count and memory per GPU for a recipe", None, None),
+    "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", None, None),
+    "demo": ("the whole pipeline on the tiny default", _add_demo, _run_demo),
 }
 
 
@@ -99,24 +100,49 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwen2-align",
         description="Qwen2 post-training pipeline: data synthesis, SFT, reward model, offline and online DPO.",
     )
-    sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
-    for name, text in STAGES.items():
-        built = name in _HANDLERS
-        p = sub.add_parser(name, help=text if built else f"{text} [not built yet]", description=text)
-        if built:
-            _HANDLERS[name][0](p)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, spec in pipeline.STAGES.items():
+        built = pipeline.is_built(name)
+        p = sub.add_parser(name, help=spec.help if built else f"{spec.help} [not built yet]", description=spec.help)
+        p.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/tiny/%s.yaml" % name)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key (dotted for nested keys); repeatable")
+    for name, (text, add, runner) in COMMANDS.items():
+        p = sub.add_parser(name, help=text if runner else f"{text} [not built yet]", description=text)
+        if add:
+            add(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .generation import GenerationError
+    from .recipes import RecipeError
+    from .stages import StageError
+
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.stage not in _HANDLERS:
-        print(f"qwen2-align: stage '{args.stage}' is not built yet", file=sys.stderr)
+    name = args.command
+    try:
+        if name in pipeline.STAGES:
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            recipe = pipeline.load_recipe(args.recipe, stage=name, overrides=args.set)
+            if not pipeline.is_built(name):
+                print(f"qwen2-align: {args.recipe} is valid, but stage '{name}' is not built yet", file=sys.stderr)
+                return 2
+            pipeline.run(name, recipe)
+            return 0
+        runner = COMMANDS[name][2]
+        if runner is None:
+            print(f"qwen2-align: '{name}' is not built yet", file=sys.stderr)
+            return 2
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return runner(args)
+    except (RecipeError, DataError, StageError, GenerationError) as e:
+        print(f"qwen2-align: {e}", file=sys.stderr)
         return 2
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return _HANDLERS[args.stage][1](args)
 
 
 if __name__ == "__main__":

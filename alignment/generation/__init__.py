@@ -1,5 +1,6 @@
-"""Text generation from chat messages."""
+"""Text generation behind one interface: transformers, vLLM, or an OpenAI-compatible server."""
 
-from .hf import generate_chat
+from .base import Completion, GenerationError, GenerationSpec, Generator, Prompt, SamplingParams, make_generator
 
-__all__ = ["generate_chat"]
+__all__ = ["Completion", "GenerationError", "GenerationSpec", "Generator", "Prompt", "SamplingParams",
+           "make_generator"]

@@ -1,35 +1,78 @@
-"""Batched chat generation with our backbone through transformers' `generate` (KV cache, left padding)."""
+"""The `transformers` backend: our backbone's batched `generate` with a KV cache and left padding."""
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
 
 
-@torch.inference_mode()
-def generate_chat(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict]],
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    batch_size: int = 8,
-    **sampling,
-) -> list[str]:
-    """One assistant reply per conversation (a list of {role, content} messages)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    replies: list[str] = []
-    try:
-        for s in range(0, len(conversations), batch_size):
-            texts = [
-                tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                for c in conversations[s : s + batch_size]
-            ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
-            new = out[:, enc["input_ids"].shape[1] :]  # [b, generated]
-            replies += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return replies
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[str]:
+    """Chat messages through the chat template (with the assistant header); strings unchanged."""
+    return [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text up to (excluding) the first stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class TransformersGenerator(Generator):
+    def __init__(self, spec: GenerationSpec, model=None, tokenizer=None):
+        from ..checkpoint import load_causal_lm
+        from ..tokenizer import load_tokenizer
+
+        self.spec = spec
+        self.model = model if model is not None else load_causal_lm(spec.model, spec.dtype).eval()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
+        self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+
+    def _config(self, p: SamplingParams) -> GenerationConfig:
+        sample = p.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=p.max_new_tokens,
+            do_sample=sample,
+            temperature=p.temperature if sample else None,
+            top_p=p.top_p if sample else None,
+            top_k=(p.top_k if p.top_k > 0 else None) if sample else None,
+            repetition_penalty=p.repetition_penalty,
+            num_return_sequences=p.n if sample else 1,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=p.stop or None,
+        )
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        config = self._config(params)
+        texts = render_prompts(self.tokenizer, prompts)
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        results: list[list[Completion]] = []
+        try:
+            for b, s in enumerate(range(0, len(texts), self.spec.batch_size)):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed + b)
+                enc = self.tokenizer(texts[s : s + self.spec.batch_size], return_tensors="pt", padding=True)
+                enc = enc.to(self.model.device)
+                out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
+                new = out[:, enc["input_ids"].shape[1] :]  # [b * n, generated]
+                completions = [self._completion(row, params.stop) for row in new]
+                per_prompt = config.num_return_sequences
+                # Greedy decoding has one answer: it is repeated to give n completions.
+                results += [completions[i : i + per_prompt] * (params.n // per_prompt)
+                            for i in range(0, len(completions), per_prompt)]
+        finally:
+            self.tokenizer.padding_side = side
+        return results
+
+    def _completion(self, ids: torch.Tensor, stop: list[str]) -> Completion:
+        ids = ids.tolist()
+        ended = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        kept = ids if ended is None else ids[: ended + 1]
+        text, stopped = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), stop)
+        return Completion(text, len(kept), "stop" if ended is not None or stopped else "length")

@@ -1,0 +1,111 @@
+"""One interface for every generation backend: prompts in, n completions per prompt out.
+
+A prompt is either chat messages ([{role, content}, ...], rendered with the model's chat
+template plus the assistant header) or a raw string (sent as is). Backends:
+`transformers` (our backbone, in process), `vllm` (offline engine) and `openai` (any
+OpenAI-compatible server, e.g. `vllm serve`). A recipe's `generation:` section picks one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+Prompt = list[dict] | str
+
+
+class GenerationError(RuntimeError):
+    """A backend failed in a way retries did not fix; the message is one line and holds no secrets."""
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy decoding."""
+
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+@dataclass
+class GenerationSpec:
+    """The recipe's `generation:` section: which backend and model, and how to sample."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str = ""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 16  # transformers: prompts per generate() call
+    # vllm
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    cpu_kvcache_gib: int = 4  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    # openai
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable, never the key itself
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 3
+
+    def sampling(self, seed: int | None = None, **overrides) -> SamplingParams:
+        return SamplingParams(
+            **{
+                "n": self.n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
+                "stop": list(self.stop), "seed": seed, **overrides,
+            }
+        )
+
+
+class Generator(ABC):
+    """Subclasses implement `generate`; use as a context manager to release engines and pools."""
+
+    @abstractmethod
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions for each prompt, in prompt order."""
+
+    def close(self) -> None:
+        """Release the engine, threads or connections."""
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_generator(spec: GenerationSpec) -> Generator:
+    """The backend a recipe names, loaded lazily so unused backends cost no import."""
+    if not spec.model:
+        raise GenerationError("generation.model: name a checkpoint directory, Hub id or served model")
+    if spec.backend == "transformers":
+        from .hf import TransformersGenerator
+
+        return TransformersGenerator(spec)
+    if spec.backend == "vllm":
+        from .vllm import VLLMGenerator
+
+        return VLLMGenerator(spec)
+    from .openai import OpenAIGenerator
+
+    return OpenAIGenerator(spec)

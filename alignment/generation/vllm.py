@@ -1,0 +1,61 @@
+"""The `vllm` backend: vLLM's offline engine (CPU build here, CUDA on GPU machines).
+
+vLLM spawns worker processes, so scripts that use it need an `if __name__ == "__main__":`
+guard (the `qwen2-align` console script has one). Prompts are rendered and tokenised with the
+checkpoint's tokenizer, exactly as the transformers backend does, and every sampling field is
+passed explicitly so the checkpoint's generation_config.json cannot change the decoding.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
+from .hf import render_prompts
+
+
+class VLLMGenerator(Generator):
+    def __init__(self, spec: GenerationSpec):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one of few cores idles
+        from vllm import LLM
+
+        from ..tokenizer import load_tokenizer
+
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec.model)
+        kwargs = {"max_model_len": spec.max_model_len} if spec.max_model_len else {}
+        self.llm = LLM(
+            model=spec.model,
+            dtype=spec.dtype,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            seed=0,
+            **kwargs,
+        )
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSampling
+
+        sampling = VLLMSampling(
+            n=params.n,
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            top_k=params.top_k if params.temperature > 0 else -1,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+            stop=params.stop or None,
+        )
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(self.tokenizer, prompts)]
+        outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], sampling, use_tqdm=False)
+        return [
+            [Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop") for o in out.outputs]
+            for out in outs
+        ]
+
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None

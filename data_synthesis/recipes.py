@@ -1,0 +1,114 @@
+"""The recipe schema of every data-synthesis stage, so each recipe is validated before anything
+runs, also for stages whose implementation lands later. Common keys come from `StageRecipe`
+(stage, run_dir, inputs, seed, shard_size); stages that generate text add `generation`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alignment.generation import GenerationSpec
+from alignment.stages import StageRecipe
+
+
+@dataclass
+class GenerateRecipe(StageRecipe):
+    """inputs.prompts -> completions: `generation.n` samples per prompt."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+
+
+@dataclass
+class InsTagRecipe(StageRecipe):
+    """inputs.instructions -> tagged instructions and the normalised tag ontology."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    min_tag_frequency: int = 20
+    embedding_model: str = "all-MiniLM-L6-v2"
+    semantic_min_similarity: float = 0.05
+    association_min_support: int = 40
+    association_min_confidence: float = 0.99
+
+
+@dataclass
+class SelectRecipe(StageRecipe):
+    """inputs.tagged -> the selected instructions (complexity-first diverse sampling)."""
+
+    num_instructions: int = 1000
+    min_tags: int = 1
+
+
+@dataclass
+class EvolveRecipe(StageRecipe):
+    """inputs.instructions -> evolved instructions."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    method: Literal["evol", "tree"] = "evol"
+    rounds: int = 1
+    operations: list[str] = field(
+        default_factory=lambda: ["add_constraint", "deepen", "concretize", "multi_step", "complicate_input", "breadth"]
+    )
+    max_added_words: int = 20
+    tree_new_nodes: int = 3
+
+
+@dataclass
+class ResponsesRecipe(StageRecipe):
+    """inputs.instructions -> several responses per instruction from several models."""
+
+    generators: list[GenerationSpec] = field(default_factory=list)
+
+
+@dataclass
+class AnnotateRecipe(StageRecipe):
+    """inputs.responses -> rankings from annotators in a web app, stored in SQLite."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    database: str = "annotations.sqlite"
+    annotators_per_item: int = 1
+
+
+@dataclass
+class RejectionRecipe(StageRecipe):
+    """inputs.problems (with reference answers) -> D (correct paths) and P (correct vs wrong)."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    pairs_per_problem: int = 1
+
+
+@dataclass
+class ExecutionRecipe(StageRecipe):
+    """inputs.tasks -> responses kept when their code or constraint checkers pass in the sandbox."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    kind: Literal["code", "instruction_following"] = "code"
+    timeout_s: float = 10.0
+    memory_mb: int = 512
+
+
+@dataclass
+class RepurposeRecipe(StageRecipe):
+    """inputs.documents -> instructions of varied detail paired with the original text."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    kind: Literal["literature", "roleplay"] = "literature"
+    detail_levels: list[str] = field(default_factory=lambda: ["brief", "detailed"])
+
+
+@dataclass
+class ConstitutionRecipe(StageRecipe):
+    """inputs.prompts -> responses that follow (D, chosen) or violate (rejected) a constitution."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    constitution: str = ""  # a file of principles to follow and to avoid
+
+
+@dataclass
+class DecontamRecipe(StageRecipe):
+    """inputs.train against inputs.test -> the train rows with no test overlap."""
+
+    ngram: int = 13
+    lcs_min_tokens: int = 13
+    lcs_ratio: float = 0.6
+    strict_test_split: bool = False
