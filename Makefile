@@ -1,11 +1,15 @@
 # Every target runs through the project's virtual environment; `make install` builds it.
+#   make <stage> RECIPE=recipes/tiny [SET="key=value key2=value2"]   runs recipes/tiny/<stage>.yaml
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PRESET  ?= tiny
-RUN     ?= runs/demo
+RECIPE  ?= recipes/tiny
+SET     ?=
+STAGES  := generate instag select evolve responses annotate rejection execution repurpose constitution decontam \
+           sft rm dpo online-dpo
 
-.PHONY: install test test-slow demo init bench clean
+.PHONY: install test test-slow demo init check bench clean $(STAGES)
 
 install:
 	$(PY) -m venv $(VENV)
@@ -23,13 +27,20 @@ test-slow:
 	$(BIN)/python -m pytest -q -m slow
 
 demo:
-	$(BIN)/qwen2-align demo --out $(RUN)
+	$(BIN)/qwen2-align demo
 
 init:
-	$(BIN)/qwen2-align init --preset $(PRESET) --out runs/init-$(PRESET)
+	$(BIN)/qwen2-align init --preset $(PRESET) --out runs/$(PRESET)/init
+
+check:
+	$(BIN)/qwen2-align check --recipes $(RECIPE)
+
+$(STAGES):
+	$(BIN)/qwen2-align $@ --recipe $(RECIPE)/$@.yaml $(foreach s,$(SET),--set $(s))
 
 bench:
 	$(BIN)/python benchmarks/backbone.py
+	$(BIN)/python benchmarks/generation.py
 
 clean:
 	rm -rf runs .pytest_cache

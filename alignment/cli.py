@@ -68,15 +68,13 @@ def _run_check(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run directory")
-
-
 def _run_demo(a: argparse.Namespace) -> int:
-    """Today: validate the tiny recipes, build the tiny model and chat with it."""
+    """The tiny pipeline as far as it is built: validate every tiny recipe, build the model, run the stages."""
     _run_check(argparse.Namespace(recipes="recipes/tiny"))
-    model_dir = Path(a.out) / "init"
-    _run_init(argparse.Namespace(preset="tiny", out=str(model_dir), seed=0, dtype="float32", initializer_range=None))
+    model_dir = Path("runs/tiny/init")
+    if not (model_dir / "config.json").exists():
+        _run_init(argparse.Namespace(preset="tiny", out=str(model_dir), seed=0, dtype="float32", initializer_range=None))
+    pipeline.run("generate", pipeline.load_recipe("recipes/tiny/generate.yaml"))
     prompts = ["What is 2 + 3?", "Name a colour.", "Say hello in French.", "写一首关于春天的诗。"]
     return _run_chat(argparse.Namespace(model=str(model_dir), prompt=prompts, max_new_tokens=16,
                                         backend="transformers", temperature=0.0))
@@ -91,7 +89,7 @@ COMMANDS: dict[str, Command] = {
     "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)", None, None),
     "plan": ("parameter count and memory per GPU for a recipe", None, None),
     "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", None, None),
-    "demo": ("the whole pipeline on the tiny default", _add_demo, _run_demo),
+    "demo": ("the whole pipeline on the tiny default", None, _run_demo),
 }
 
 

