@@ -142,10 +142,15 @@ def _raw_rows(source: str) -> Iterator[tuple[int, Any, str | None]]:
         yield n, dict(row), None
 
 
+def missing_local_file(source: str) -> bool:
+    """True for a path that looks local (not a Hub id) and does not exist."""
+    return not Path(source).exists() and (source.startswith((".", "/")) or source.endswith((".jsonl", ".parquet")))
+
+
 def read_rows(source: str | os.PathLike, kind: RowKind) -> ReadResult:
     """Read and validate every row; bad rows are quarantined with `file:row: field: reason`."""
     source = str(source)
-    if not Path(source).exists() and (source.startswith((".", "/")) or source.endswith((".jsonl", ".parquet"))):
+    if missing_local_file(source):
         raise DataError(f"{source}: file not found")
     result = ReadResult()
     seen: set[str] = set()

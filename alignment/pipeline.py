@@ -41,9 +41,12 @@ STAGES: dict[str, StageSpec] = {
     "constitution": StageSpec("constitutional feedback: responses that follow or violate principles",
                               "data_synthesis.recipes:ConstitutionRecipe"),
     "decontam": StageSpec("decontamination against test sets (13-gram, LCS)", "data_synthesis.recipes:DecontamRecipe"),
-    "sft": StageSpec("supervised fine-tuning on D (TRL SFTTrainer)", "alignment.train.recipes:SFTRecipe"),
-    "rm": StageSpec("reward model on P (TRL RewardTrainer)", "alignment.train.recipes:RewardRecipe"),
-    "dpo": StageSpec("offline DPO on P (TRL DPOTrainer)", "alignment.train.recipes:DPORecipe"),
+    "sft": StageSpec("supervised fine-tuning on D (TRL SFTTrainer)", "alignment.train.recipes:SFTRecipe",
+                     "alignment.train.sft:run_sft"),
+    "rm": StageSpec("reward model on P (TRL RewardTrainer)", "alignment.train.recipes:RewardRecipe",
+                    "alignment.pipeline:run_reward_model"),
+    "dpo": StageSpec("offline DPO on P (TRL DPOTrainer)", "alignment.train.recipes:DPORecipe",
+                     "alignment.train.dpo:run_dpo"),
     "online-dpo": StageSpec("online DPO with the online merging optimizer (OnDARE / OnTIES)",
                             "alignment.train.recipes:OnlineDPORecipe"),
 }
@@ -77,8 +80,18 @@ def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str]
     trl_config = getattr(recipe_class, "trl_config", "")
     if trl_config:
         module, _, cls = trl_config.rpartition(".")
-        check_keys(getattr(importlib.import_module(module), cls), recipe.training, where, prefix="training.")
+        recipe.training = check_keys(getattr(importlib.import_module(module), cls), recipe.training, where,
+                                     prefix="training.")
     return recipe
+
+
+def run_reward_model(recipe: Any) -> Any:
+    """The reward-model stage, with the scorer that measures held-out pair accuracy."""
+    from reward.model import RewardModel
+
+    from .train.reward import run_rm
+
+    return run_rm(recipe, RewardModel)
 
 
 def is_built(name: str) -> bool:

@@ -16,12 +16,16 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class RecipeError(ValueError):
@@ -88,6 +92,8 @@ def _check(value: Any, tp: Any, where: str, key: str) -> Any:
         raise _fail(where, key, f"must be one of {allowed}, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 3e-3 as a string
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
-from .data import DataError, Quarantined, ReadResult, RowKind, load_jsonl, read_rows, to_jsonl
+from .data import DataError, Quarantined, ReadResult, RowKind, load_jsonl, missing_local_file, read_rows, to_jsonl
 from .recipes import dump_yaml, to_plain
 
 Outcome = dict[str, list[dict]] | Quarantined
@@ -154,32 +154,56 @@ def _fingerprint(recipe_text: str, inputs: dict[str, dict]) -> str:
     return hashlib.sha256((recipe_text + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()[:16]
 
 
-def run_stage(stage: Stage) -> dict[str, Any]:
-    """Run (or resume, or skip) a data stage; returns its manifest."""
-    recipe = stage.recipe
+@dataclass
+class RunStart:
+    """Where a stage's run stands before it starts: `done` is the manifest when it already finished."""
+
+    run_dir: Path
+    fingerprint: str
+    inputs: dict[str, dict]
+    done: dict | None
+
+
+def begin_run(name: str, recipe: Any, input_names: list[str]) -> RunStart:
+    """Check inputs, and refuse a run dir that holds another recipe's run; save the resolved recipe.
+
+    A finished run with the same recipe and inputs comes back as `done` (re-running is a no-op);
+    an unfinished one is resumed by the caller."""
     run_dir = Path(recipe.run_dir)
-    missing = [name for name in stage.inputs if not recipe.inputs.get(name)]
+    missing = [n for n in input_names if not recipe.inputs.get(n)]
     if missing:
-        raise StageError(f"{stage.name}: inputs.{missing[0]}: required input is not set in the recipe")
-    inputs = {name: describe_input(recipe.inputs[name]) for name in stage.inputs}
+        raise StageError(f"{name}: inputs.{missing[0]}: required input is not set in the recipe")
+    for n in input_names:
+        if missing_local_file(recipe.inputs[n]):
+            raise StageError(f"{name}: inputs.{n}: {recipe.inputs[n]}: file not found")
+    inputs = {n: describe_input(recipe.inputs[n]) for n in input_names}
     recipe_text = dump_yaml(recipe)
     fingerprint = _fingerprint(recipe_text, inputs)
-
     manifest_path = run_dir / "manifest.json"
     if manifest_path.exists():
         done = json.loads(manifest_path.read_text())
         if done.get("fingerprint") == fingerprint:
-            print(f"{stage.name}: already done in {run_dir} (manifest {manifest_path}); nothing to do")
-            return done
-        raise StageError(f"{stage.name}: {run_dir} holds a finished run of a different recipe or inputs; "
+            print(f"{name}: already done in {run_dir} (manifest {manifest_path}); nothing to do")
+            return RunStart(run_dir, fingerprint, inputs, done)
+        raise StageError(f"{name}: {run_dir} holds a finished run of a different recipe or inputs; "
                          "choose another run_dir or delete it")
     fp_path = run_dir / "fingerprint"
     if fp_path.exists() and fp_path.read_text().strip() != fingerprint:
-        raise StageError(f"{stage.name}: {run_dir} holds a partial run of a different recipe or inputs; "
+        raise StageError(f"{name}: {run_dir} holds a partial run of a different recipe or inputs; "
                          "choose another run_dir or delete it")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(fp_path, fingerprint + "\n")
     atomic_write_text(run_dir / "recipe.yaml", recipe_text)
+    return RunStart(run_dir, fingerprint, inputs, None)
+
+
+def run_stage(stage: Stage) -> dict[str, Any]:
+    """Run (or resume, or skip) a data stage; returns its manifest."""
+    recipe = stage.recipe
+    start = begin_run(stage.name, recipe, list(stage.inputs))
+    if start.done:
+        return start.done
+    run_dir, fingerprint, inputs = start.run_dir, start.fingerprint, start.inputs
 
     started = time.perf_counter()
     try:

@@ -127,3 +127,58 @@ def test_bf16_forward_backward_runs_and_agrees(pair):
     with torch.no_grad():
         ref = ours(input_ids=ids, labels=ids).loss
     assert abs(loss.item() - ref.item()) / ref.item() < 0.02
+
+
+def test_token_stats_match_full_softmax():
+    torch.manual_seed(1)
+    h = torch.randn(70, 16, requires_grad=True)
+    w = torch.randn(3000, 16, requires_grad=True)
+    y = torch.randint(0, 3000, (70,))
+    y[5] = IGNORE_INDEX
+    y[6] = (h[6] @ w.T).argmax()  # one label that is the argmax
+    stats = token_logprobs(h, w, y, with_stats=True)
+    logits = h @ w.T
+    logp = torch.log_softmax(logits, -1)
+    keep = y != IGNORE_INDEX
+    ref = logp.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    assert torch.allclose(stats.log_probs[keep], ref[keep], atol=1e-5)
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert torch.allclose(stats.entropy[keep], entropy[keep], atol=1e-3)  # lse - E[z]: fp32 cancellation
+    assert torch.allclose(stats.mean_logits[keep], logits.mean(-1)[keep], atol=1e-5)
+    assert torch.equal(stats.is_top1[keep], (logits.argmax(-1) == y)[keep]) and stats.is_top1[6]
+    assert stats.log_probs[5] == 0 and stats.entropy[5] == 0
+
+
+def test_fused_lm_head_protocol_matches_trl_kernel(pair):
+    """Our answer to TRL's `fused_lm_head=True` call equals TRL's own fused head on the stock model."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ours, stock = pair
+    add_fused_lm_head(stock, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    ids = torch.randint(0, 151_000, (2, 20))
+    labels = _labels(ids)
+    with torch.no_grad():
+        a = ours(input_ids=ids, labels=labels, fused_lm_head=True)
+        b = stock(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert a.log_probs.shape == b.log_probs.shape == (2, 19)
+    for name in ("log_probs", "entropy", "mean_logits"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4), name
+    assert torch.equal(a.is_top1, b.is_top1) and torch.equal(a.label_mask, b.label_mask)
+    assert abs(a.loss.item() - b.loss.item()) < 1e-5
+    del stock.forward  # back to the class's forward for the other tests
+
+
+def test_autocast_bf16_loss_and_gradients_close_to_fp32(pair):
+    ours, _ = pair
+    ids = torch.randint(0, 151_000, (2, 24))
+    ours.zero_grad()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    ref = ours.lm_head.weight.grad.clone()
+    ours.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert ours.lm_head.weight.grad.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(ours.lm_head.weight.grad.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99
+    assert 0 <= out.num_correct <= out.num_labels == 2 * 23

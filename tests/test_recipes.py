@@ -88,3 +88,10 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"qwen2-align: {path}: shard_sise: unknown key (did you mean 'shard_size'?)"
     assert "Traceback" not in out.stderr
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads 3e-3 as a string; the recipe field is a float, so it is converted.
+    path = _write(tmp_path, "stage: sft\nrun_dir: x\nmodel: m\ntraining: {learning_rate: 3e-3}\n")
+    assert load_recipe(path, overrides=["training.weight_decay=1e-2"]).training["learning_rate"] == 3e-3
+    assert load_recipe(path, overrides=["training.weight_decay=1e-2"]).training["weight_decay"] == 1e-2

@@ -2,16 +2,24 @@
 
 With a 151,936-row vocabulary the head dominates small models: a batch of 8 x 256 tokens
 holds 1.2 GB of float32 logits, freshly allocated (and page-faulted) every step. Here the head
-runs on a few hundred labelled rows at a time, writing into one reused workspace:
+runs on `CHUNK_ROWS` labelled rows at a time, writing into reused workspaces, and each chunk
+is folded in a few passes: max, shift-and-exp (casting bf16 logits to float32 on the way),
+sum, then the gradient and the matmuls.
 
 - `causal_lm_loss` (SFT): the loss is a plain sum, so each chunk's gradient is known as soon as
   its softmax is: it is computed in the forward pass (3 matmuls per chunk, nothing stored but
   the [N, H] and [V, H] gradients), and backward only scales it.
 - `token_logprobs` (DPO and friends): per-token log-probs whose upstream gradient differs per
-  token, so backward recomputes each chunk's logits (4 matmuls per chunk).
+  token, so backward recomputes each chunk's logits (4 matmuls per chunk). It can also return
+  per-token statistics for logging (entropy, mean logit, whether the label is the argmax).
+
+Under autocast the matmuls run in the autocast dtype (bf16), the softmax in float32, and the
+weight gradient is accumulated in float32.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -20,14 +28,19 @@ CHUNK_ROWS = 256  # rows of logits per chunk: 156 MB of float32 at 151,936 colum
 _workspace: dict[tuple, torch.Tensor] = {}
 
 
-def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [rows, vocab] scratch buffer reused across calls on CPU (fresh pages cost more than the matmul)."""
+def _buffer(slot: int, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, vocab] scratch buffer, reused across calls on CPU (fresh pages cost more than the matmul)."""
     if device.type != "cpu":
         return torch.empty(rows, vocab, dtype=dtype, device=device)
-    key = (rows, vocab, dtype)
-    if key not in _workspace:
-        _workspace[key] = torch.empty(rows, vocab, dtype=dtype)
-    return _workspace[key]
+    key = (slot, vocab, dtype)
+    if key not in _workspace or _workspace[key].shape[0] < rows:
+        _workspace[key] = torch.empty(CHUNK_ROWS, vocab, dtype=dtype)
+    return _workspace[key][:rows]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
 def _chunks(n: int):
@@ -35,86 +48,121 @@ def _chunks(n: int):
         yield slice(s, min(s + CHUNK_ROWS, n))
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """float32 logits [r, V] of rows h [r, H], written into the workspace."""
-    r, vocab = h.shape[0], weight.shape[0]
-    out = torch.mm(h, weight.T, out=_logits_buffer(CHUNK_ROWS, vocab, h.dtype, h.device)[:r])
-    if out.dtype == torch.float32:
-        return out
-    return _logits_buffer(CHUNK_ROWS, vocab, torch.float32, h.device)[:r].copy_(out)
+def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Logits [r, V] of rows h [r, H] in the compute dtype (h and w already cast), in workspace 0."""
+    return torch.mm(h, w.T, out=_buffer(0, h.shape[0], w.shape[0], h.dtype, h.device))
 
 
-def _grad_into(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_h, grad_w, rows: slice) -> None:
-    """Chain d/dlogits = g [r, V] through logits = h W^T into grad_h[rows] and grad_w (float32)."""
-    if g.dtype != h.dtype:  # bf16 training: reuse the low-precision logits buffer, free by now
-        g = _logits_buffer(CHUNK_ROWS, g.shape[1], h.dtype, h.device)[: g.shape[0]].copy_(g)
+def _exp_shifted(z: torch.Tensor, targets: torch.Tensor):
+    """exp(z - max) in float32 (in place for float32 logits, else into workspace 1, one pass for
+    the cast and the shift); returns (exp, target logit, logsumexp, max, sum of exp), all float32."""
+    m = z.amax(-1).float()  # [r]
+    target = z.gather(1, targets[:, None]).squeeze(1).float()
+    e = z.sub_(m[:, None]) if z.dtype == torch.float32 else torch.sub(
+        z, m[:, None], out=_buffer(1, z.shape[0], z.shape[1], torch.float32, z.device))
+    s = e.exp_().sum(-1)
+    return e, target, m + s.log(), m, s
+
+
+def _backprop_chunk(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grad_h, grad_w, rows: slice, scale: float):
+    """Chain d/dlogits = scale * g [r, V] through logits = h w^T into grad_h[rows] and grad_w (float32)."""
+    if g.dtype != h.dtype:  # bf16: the low-precision workspace is free again by now
+        g = _buffer(0, g.shape[0], g.shape[1], h.dtype, h.device).copy_(g)
     if grad_h is not None:
-        torch.mm(g, weight, out=grad_h[rows])
+        torch.mm(g, w, out=grad_h[rows]).mul_(scale)
     if grad_w is not None:
         if g.dtype == torch.float32:
-            grad_w.addmm_(g.T, h)
+            grad_w.addmm_(g.T, h, alpha=scale)
         else:
-            grad_w += (g.T @ h).float()
+            grad_w.add_(g.T @ h, alpha=scale)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """scale * sum_i -log softmax(h_i W^T)[t_i], gradients computed during the forward pass."""
+    """scale * sum_i -log softmax(h_i W^T)[t_i], gradients computed during the forward pass.
+
+    Also returns how many labels are the argmax (no gradient), for the token-accuracy metric."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale: float, need_h: bool, need_w: bool):
         # hidden: [N, H], weight: [V, H], targets: [N]
+        dtype = _compute_dtype(hidden)
+        h_all, w = hidden.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for rows in _chunks(hidden.shape[0]):
-            logits = _chunk_logits(hidden[rows], weight)  # [r, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [r]
-            t = targets[rows, None]
-            loss += (lse - logits.gather(1, t).squeeze(1)).sum()
+            t = targets[rows]
+            e, target, lse, m, s = _exp_shifted(_logits(h_all[rows], w), t)  # e: [r, V]
+            loss += (lse - target).sum()
+            correct += (target >= m).sum()
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g.scatter_add_(1, t, torch.full_like(lse[:, None], -1.0)).mul_(scale)  # scale * (softmax - onehot)
-                _grad_into(g, hidden[rows], weight, grad_h, grad_w, rows)
+                # softmax, written straight into the compute dtype's workspace (free once e exists)
+                g = torch.mul(e, (1.0 / s)[:, None], out=_buffer(0, e.shape[0], e.shape[1], dtype, e.device))
+                g.scatter_add_(1, t[:, None], torch.full_like(g[:, :1], -1.0))  # softmax - onehot
+                _backprop_chunk(g, h_all[rows], w, grad_h, grad_w, rows, scale)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.need = (need_h, need_w)
-        ctx.weight_dtype = weight.dtype
-        return loss * scale
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss * scale, correct
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad_out.to(saved[0].dtype) if ctx.need[0] else None
-        grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.need[1] else None
+        grad_h = (saved.pop(0) * grad_out).to(ctx.dtypes[0]) if ctx.need[0] else None
+        grad_w = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if ctx.need[1] else None
         return grad_h, grad_w, None, None, None, None
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(h_i W^T)[t_i] for each row; backward recomputes each chunk's logits."""
+    """log softmax(h_i W^T)[t_i] per row (+ logging statistics); backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        # hidden: [N, H], weight: [V, H], targets: [N] -> logprobs [N] float32
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, targets, with_stats: bool):
+        # hidden: [N, H], weight: [V, H], targets: [N] -> logprobs [N] float32 (+ entropy, mean logit, is_top1)
+        dtype = _compute_dtype(hidden)
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
-        for rows in _chunks(hidden.shape[0]):
-            logits = _chunk_logits(hidden[rows], weight)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        entropy, mean, top1 = (torch.empty_like(out), torch.empty_like(out), torch.empty_like(out, dtype=torch.bool))
+        for rows in _chunks(n):
+            z = _logits(h_all[rows], w)
+            if with_stats:
+                z = _buffer(2, z.shape[0], vocab, torch.float32, z.device).copy_(z) if z.dtype != torch.float32 else z
+                mean[rows] = z.mean(-1)
+                m = z.amax(-1)
+                e = torch.sub(z, m[:, None], out=_buffer(1, z.shape[0], vocab, torch.float32, z.device)).exp_()
+                s = e.sum(-1)
+                lse[rows] = m + s.log()
+                # entropy = lse - sum_v p_v z_v, the dot products taken row by row without a temporary
+                entropy[rows] = lse[rows] - torch.bmm(e[:, None, :], z[:, :, None]).view(-1) / s
+                target = z.gather(1, targets[rows, None]).squeeze(1)
+                top1[rows] = target >= m
+            else:
+                _, target, lse[rows], _, _ = _exp_shifted(z, targets[rows])
+            out[rows] = target - lse[rows]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        return out
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(entropy, mean, top1)
+        return out, entropy, mean, top1
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(hidden) if need_h else None
+        h_all, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+        grad_h = torch.empty(hidden.shape, dtype=ctx.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for rows in _chunks(hidden.shape[0]):
-            g = _chunk_logits(hidden[rows], weight).sub_(lse[rows, None]).exp_()  # softmax
-            t, go = targets[rows, None], grad_out[rows, None].float()
-            g.scatter_add_(1, t, torch.full_like(go, -1.0)).mul_(-go)  # go * (onehot - softmax)
-            _grad_into(g, hidden[rows], weight, grad_h, grad_w, rows)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None
+            z = _logits(h_all[rows], w)
+            g = (z.sub_(lse[rows, None]) if z.dtype == torch.float32 else torch.sub(
+                z, lse[rows, None], out=_buffer(1, z.shape[0], z.shape[1], torch.float32, z.device))).exp_()  # softmax
+            go = grad_out[rows, None].float()
+            g.scatter_add_(1, targets[rows, None], torch.full_like(go, -1.0)).mul_(-go)  # go * (onehot - softmax)
+            _backprop_chunk(g, h_all[rows], w, grad_h, grad_w, rows, 1.0)
+        return (grad_h.to(hidden.dtype) if need_h else None), (grad_w.to(weight.dtype) if need_w else None), None, None
 
 
 def _labelled(hidden: torch.Tensor, labels: torch.Tensor):
@@ -124,17 +172,32 @@ def _labelled(hidden: torch.Tensor, labels: torch.Tensor):
     return flat_h, flat_y, keep
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+@dataclass
+class TokenStats:
+    """Per-token results, shaped like the labels and zero where the label is ignored."""
+
+    log_probs: torch.Tensor  # differentiable
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, with_stats: bool = False):
     """Log-probability of each label under the LM head; 0 where the label is IGNORE_INDEX.
 
     hidden: [..., H] aligned with labels (position t predicts labels[t]); weight: [V, H];
-    labels: [...]. Returns float32 [...].
+    labels: [...]. Returns float32 [...], or `TokenStats` when `with_stats`.
     """
     flat_h, flat_y, keep = _labelled(hidden, labels)
-    out = torch.zeros(flat_y.shape, dtype=torch.float32, device=hidden.device)
+    full = [torch.zeros(flat_y.shape, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    full.append(torch.zeros(flat_y.shape, dtype=torch.bool, device=hidden.device))
     if keep.numel():
-        out = out.index_put((keep,), _ChunkedTokenLogprobs.apply(flat_h[keep], weight, flat_y[keep]))
-    return out.view(labels.shape)
+        parts = _ChunkedTokenLogprobs.apply(flat_h[keep], weight, flat_y[keep], with_stats)
+        full = [f.index_put((keep,), p) for f, p in zip(full, parts)]
+    shaped = [f.view(labels.shape) for f in full]
+    if not with_stats:
+        return shaped[0]
+    return TokenStats(*shaped)
 
 
 def causal_lm_loss(
@@ -143,21 +206,23 @@ def causal_lm_loss(
     labels: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Next-token cross-entropy, the same value as transformers' ForCausalLMLoss.
 
     `labels` are unshifted (token t is predicted at t-1); `shift_labels` are already shifted
     (TRL's padding-free batches). The mean is over labelled tokens, or the sum divided by
-    `num_items_in_batch` (gradient accumulation).
+    `num_items_in_batch` (gradient accumulation). Returns (loss, labels that were the argmax,
+    labelled tokens).
     """
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     flat_h, flat_y, keep = _labelled(hidden, shift_labels)
     if num_items_in_batch is None:
         num_items_in_batch = keep.numel()
-    denom = float(num_items_in_batch)
     if not keep.numel():
-        return flat_h.sum() * 0.0
+        return flat_h.sum() * 0.0, torch.zeros((), dtype=torch.long), 0
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
-    return _FusedLinearCrossEntropy.apply(flat_h[keep], weight, flat_y[keep], 1.0 / max(denom, 1.0), need_h, need_w)
+    scale = 1.0 / max(float(num_items_in_batch), 1.0)
+    loss, correct = _FusedLinearCrossEntropy.apply(flat_h[keep], weight, flat_y[keep], scale, need_h, need_w)
+    return loss, correct, keep.numel()

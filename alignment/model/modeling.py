@@ -9,18 +9,48 @@ chunks (`loss.py`) so full-vocabulary logits are never materialised when labels 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils import ModelOutput
 
 from .attention import AttentionMask, Qwen2Attention, build_attention_mask
 from .config import Qwen2Config
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, token_logprobs
 from .rope import RotaryEmbedding
+
+
+@dataclass
+class Qwen2CausalLMOutput(CausalLMOutputWithPast):
+    """With labels: also how many labelled tokens were predicted exactly (token accuracy)."""
+
+    num_correct: torch.Tensor | None = None
+    num_labels: int | None = None
+
+
+@dataclass
+class FusedLMHeadOutput(ModelOutput):
+    """TRL's fused-LM-head protocol (`trl.trainer.utils.FusedCausalLMOutput`): per-token results
+    [b, n-1] (or [b, n] with shift_labels), zero where the label is ignored."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -162,9 +192,14 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
         output_hidden_states: bool = False,
         shift_labels: torch.LongTensor | None = None,  # [b, n], already shifted
         num_items_in_batch: int | torch.Tensor | None = None,
+        fused_lm_head: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """With labels, returns the loss and no logits: the loss goes through the LM head in chunks."""
+    ) -> Qwen2CausalLMOutput | FusedLMHeadOutput:
+        """With labels, returns the loss and no logits: the loss goes through the LM head in chunks.
+
+        `fused_lm_head=True` answers TRL's fused-LM-head call (per-token log-probs and logging
+        statistics for the labelled positions) with our chunked kernel; see `FusedLMHeadOutput`.
+        """
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -175,12 +210,64 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state  # [b, n, hidden]
-        loss = logits = None
+        if fused_lm_head:
+            if shift_labels is None:
+                hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+            stats = token_logprobs(hidden, self.lm_head.weight, shift_labels, with_stats=True)
+            mask = shift_labels != -100
+            denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            return FusedLMHeadOutput(
+                loss=-stats.log_probs.sum() / denom, log_probs=stats.log_probs, entropy=stats.entropy,
+                mean_logits=stats.mean_logits, is_top1=stats.is_top1, label_mask=mask,
+            )
+        loss = logits = correct = n_labels = None
         if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
+            loss, correct, n_labels = causal_lm_loss(hidden, self.lm_head.weight, labels, shift_labels,
+                                                     num_items_in_batch)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])  # [b, kept, vocab]
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        return Qwen2CausalLMOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            num_correct=correct, num_labels=n_labels,
         )
+
+
+class Qwen2ForSequenceClassification(Qwen2PreTrainedModel):
+    """The reward model: a linear `score` head on the hidden state of the last non-pad token.
+
+    Same parameter names and pooling rule as transformers' `Qwen2ForSequenceClassification`,
+    so a saved reward model loads in stock transformers (and an SFT checkpoint loads here with
+    a freshly initialised head)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = Qwen2Model(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # [b, n]
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=False,
+        ).last_hidden_state  # [b, n, hidden]
+        b, n = hidden.shape[:2]
+        pad = self.config.pad_token_id
+        if pad is None or input_ids is None:
+            if pad is None and b != 1:
+                raise ValueError("set config.pad_token_id to score a padded batch")
+            last = torch.full((b,), n - 1, device=hidden.device)
+        else:  # the rightmost token that is not padding, for left or right padding alike
+            positions = torch.arange(n, device=hidden.device)
+            last = (positions * (input_ids != pad)).argmax(-1)  # [b]
+        logits = self.score(hidden[torch.arange(b, device=hidden.device), last])  # [b, num_labels]
+        return SequenceClassifierOutputWithPast(logits=logits)

@@ -1,0 +1,38 @@
+"""The reward model as a scorer: conversations in, one scalar reward each out.
+
+Online DPO and the judge ranking call this; they get a plain callable, so the trainers never
+import this package (the CLI wires them together)."""
+
+from __future__ import annotations
+
+import torch
+
+from alignment.model import Qwen2ForSequenceClassification
+from alignment.tokenizer import load_tokenizer
+
+
+class RewardModel:
+    """`RewardModel(path)(conversations)` -> rewards; a conversation ends with the assistant's reply."""
+
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 16):
+        self.model = Qwen2ForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
+        self.tokenizer = load_tokenizer(path)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def __call__(self, conversations: list[list[dict]]) -> list[float]:
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        scores: list[float] = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[s : s + self.batch_size], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.model.device)
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+    def pair_accuracy(self, pairs: list[dict]) -> tuple[float, float]:
+        """(fraction of preference rows whose chosen reply outscores the rejected one, mean margin)."""
+        chosen = self([r["prompt"] + r["chosen"] for r in pairs])
+        rejected = self([r["prompt"] + r["rejected"] for r in pairs])
+        wins = sum(c > r for c, r in zip(chosen, rejected))
+        margin = sum(c - r for c, r in zip(chosen, rejected)) / max(len(pairs), 1)
+        return wins / max(len(pairs), 1), margin
