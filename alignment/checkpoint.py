@@ -12,7 +12,8 @@ from .atomic import atomic_dir
 from .model import Qwen2ForCausalLM, preset_config
 from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, load_tokenizer, qwen2_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto" keeps the dtype the checkpoint was saved in.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def chat_generation_config() -> GenerationConfig:

@@ -1,5 +1,10 @@
 """A small verifiable data source: addition questions with correct answers (D) and correct vs
-wrong answers (P). The demo and the tests use it to show each trainer doing its job."""
+wrong answers (P). The demo and the tests use it to show each trainer doing its job.
+
+Half of the wrong answers keep the answer format and miss the sum by 1-3; the other half are
+sloppy ("I think it is 9"). A tiny model trained for minutes on a CPU learns to reject the
+sloppy ones quickly; checking the sum itself takes far more training, so held-out pair
+accuracy well above chance (but short of 100%) is what the demo shows."""
 
 from __future__ import annotations
 
@@ -42,10 +47,12 @@ def arithmetic_sets(n_demonstrations: int, n_preferences: int, seed: int = 0, ma
         a, b = pair()
         wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
         wrong = wrong if wrong >= 0 else a + b + 1
+        sloppy = i % 2 == 1
+        rejected = f"I think it is {wrong}" if sloppy else answer(a, b, wrong)
         prefs.append({"id": f"add-p{i:05d}", "prompt": question(a, b),
                       "chosen": [{"role": "assistant", "content": answer(a, b, a + b)}],
-                      "rejected": [{"role": "assistant", "content": answer(a, b, wrong)}],
-                      "source": "arithmetic", "meta": {"a": a, "b": b}})
+                      "rejected": [{"role": "assistant", "content": rejected}],
+                      "source": "arithmetic", "meta": {"a": a, "b": b, "wrong": "sloppy" if sloppy else "sum"}})
     return demos, prefs
 
 
@@ -56,3 +63,22 @@ def write_arithmetic_sets(out: str | Path, n_demonstrations: int, n_preferences:
     write_rows(paths["demonstrations"], demos)
     write_rows(paths["preferences"], prefs)
     return paths
+
+
+def answer_quality(model_dir: str | Path, n: int = 20, seed: int = 1) -> dict:
+    """Greedy replies of a chat model to n fresh questions: how many keep the answer format, how many are right."""
+    from alignment.generation import GenerationSpec, make_generator
+
+    rng = random.Random(seed)
+    pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n)]
+    spec = GenerationSpec(model=str(model_dir), temperature=0.0, max_new_tokens=16)
+    with make_generator(spec) as gen:
+        replies = [c[0] for c in gen.generate([question(a, b) for a, b in pairs], spec.sampling())]
+    verdicts = [is_correct(a, b, r.text) for (a, b), r in zip(pairs, replies)]
+    return {
+        "questions": n,
+        "in_format": sum(v is not None for v in verdicts),
+        "ended_turn": sum(r.finish_reason == "stop" for r in replies),
+        "correct": sum(v is True for v in verdicts),
+        "example": {"question": question(*pairs[0])[0]["content"], "reply": replies[0].text},
+    }

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_text
+from ..checkpoint import DTYPES
 from ..data import DataError, RowKind, read_rows, to_jsonl
 from ..model import Qwen2ForCausalLM
 from ..stages import RunStart, StageError, begin_run, write_manifest
 from .recipes import TrainRecipe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def start_training(name: str, recipe: TrainRecipe) -> RunStart:
@@ -68,8 +67,12 @@ def preference_dataset(rows: list[dict]):
 
 
 def trl_config(recipe: TrainRecipe, config_class: type, **overrides: Any):
-    """The recipe's `training:` section as TRL's config, writing into the run dir."""
+    """The recipe's `training:` section as TRL's config, writing into the run dir.
+
+    Without an accelerator, `use_cpu` is set so bf16 (autocast) is allowed on CPU."""
     values = {"report_to": "none", **recipe.training, **overrides}
+    if not (torch.cuda.is_available() or "use_cpu" in values):
+        values["use_cpu"] = True
     return config_class(output_dir=str(recipe.run_dir), seed=recipe.seed, **values)
 
 
