@@ -1,0 +1,129 @@
+"""Trainer stages on a tiny model: SFT, reward model, DPO, packing, and resume after a kill."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+
+from alignment.checkpoint import init_checkpoint
+from alignment.pipeline import load_recipe, run
+from data_synthesis.arithmetic import write_arithmetic_sets
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = init_checkpoint("tiny", root / "init", seed=0, num_hidden_layers=2)
+    data = write_arithmetic_sets(root / "data", n_demonstrations=96, n_preferences=48, seed=0)
+    return root, model, data
+
+
+def _recipe(root: Path, stage: str, model, train, run_dir: Path, **training) -> Path:
+    recipe = {
+        "stage": stage, "run_dir": str(run_dir), "model": str(model), "dtype": "float32",
+        "inputs": {"train": str(train)}, "eval_fraction": 0.25, "seed": 0,
+        "training": {"max_length": 256, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
+                     "logging_steps": 1, "bf16": False, "gradient_checkpointing": False,
+                     "save_strategy": "no", "disable_tqdm": True, **training},
+    }
+    path = root / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_sft_loss_falls_and_saves_a_standard_checkpoint(setup):
+    root, model, data = setup
+    recipe = _recipe(root, "sft", model, data["demonstrations"], root / "sft", max_steps=12, packing=True,
+                     assistant_only_loss=True)
+    manifest = run("sft", load_recipe(recipe))
+    m = manifest["metrics"]
+    assert m["last_logged_loss"] < 0.7 * m["first_logged_loss"]
+    assert manifest["counts"] == {"rows_in": 96, "quarantined": 0, "train": 72, "eval": 24}
+    assert "eval_loss" in m and manifest["steps"] == 12
+    assert (root / "sft" / "curves.png").stat().st_size > 0
+    stock = transformers.AutoModelForCausalLM.from_pretrained(root / "sft")  # stock transformers loads it
+    assert type(stock).__name__ == "Qwen2ForCausalLM"
+    history = json.loads((root / "sft" / "metrics.json").read_text())["log_history"]
+    assert all(0 <= h["mean_token_accuracy"] <= 1 for h in history if "mean_token_accuracy" in h)
+
+
+def test_packed_batch_loss_equals_samples_alone(setup):
+    """TRL's padding-free collator packs samples into one row; our model keeps them apart."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from alignment.checkpoint import load_causal_lm
+
+    _, model_dir, _ = setup
+    model = load_causal_lm(model_dir).eval()
+    a = {"input_ids": list(range(100, 117)), "labels": [-100] * 5 + list(range(105, 117))}
+    b = {"input_ids": list(range(300, 311)), "labels": [-100] * 3 + list(range(303, 311))}
+    packed = DataCollatorForLanguageModeling(pad_token_id=151643, padding_free=True)([a, b])
+    assert "attention_mask" not in packed and packed["position_ids"].shape == (1, 28)
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                         labels=packed["labels"], num_items_in_batch=1).loss
+        alone = sum(model(input_ids=torch.tensor([x["input_ids"]]), labels=torch.tensor([x["labels"]]),
+                          num_items_in_batch=1).loss for x in (a, b))
+    assert abs(together.item() - alone.item()) < 1e-3
+
+
+def test_reward_model_trains_and_loads_in_stock_transformers(setup):
+    root, model, data = setup
+    manifest = run("rm", load_recipe(_recipe(root, "rm", model, data["preferences"], root / "rm", max_steps=6)))
+    assert 0.0 <= manifest["metrics"]["heldout_pair_accuracy"] <= 1.0
+    stock = transformers.AutoModelForSequenceClassification.from_pretrained(root / "rm")
+    assert type(stock).__name__ == "Qwen2ForSequenceClassification" and stock.config.num_labels == 1
+    from reward.model import RewardModel
+
+    scorer = RewardModel(str(root / "rm"))
+    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
+    tok = scorer.tokenizer
+    enc = tok(tok.apply_chat_template(conv, tokenize=False), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert abs(stock(**enc).logits.item() - scorer([conv])[0]) < 1e-4
+
+
+def test_dpo_raises_the_margin_on_training_pairs(setup):
+    root, model, data = setup
+    recipe = _recipe(root, "dpo", model, data["preferences"], root / "dpo", max_steps=8, beta=0.1,
+                     learning_rate=1e-3)
+    yaml_path = Path(recipe)
+    text = yaml.safe_load(yaml_path.read_text())
+    text["eval_fraction"] = 0.0
+    text["inputs"]["eval"] = str(data["preferences"])  # held-out = the training pairs here: it must move
+    yaml_path.write_text(yaml.safe_dump(text))
+    metrics = run("dpo", load_recipe(yaml_path))["metrics"]
+    assert metrics["heldout_margin_policy"] > metrics["heldout_margin_reference"] + 1.0
+
+
+def test_sft_killed_mid_training_resumes_to_the_same_weights(setup):
+    root, model, data = setup
+    common = dict(max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=None)
+    ref = _recipe(root, "sft", model, data["demonstrations"], root / "sft-ref", **common)
+    killed = _recipe(root, "sft", model, data["demonstrations"], root / "sft-killed", **common)
+    cli = lambda r: subprocess.Popen([sys.executable, "-m", "alignment.cli", "sft", "--recipe", str(r)],  # noqa: E731
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert cli(ref).wait(timeout=600) == 0
+    proc = cli(killed)
+    deadline = time.time() + 600
+    while not (root / "sft-killed" / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / "sft-killed" / "manifest.json").exists()
+    resumed = cli(killed)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    a = load_file(root / "sft-ref" / "model.safetensors")
+    b = load_file(root / "sft-killed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
