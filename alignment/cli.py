@@ -68,6 +68,40 @@ def _run_check(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="a trainer recipe (sft, rm, dpo, online-dpo)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the model is sharded over")
+
+
+def _run_plan(a: argparse.Namespace) -> int:
+    from .plan import render_plan
+
+    recipe = pipeline.load_recipe(a.recipe)
+    if not hasattr(recipe, "training"):
+        print(f"qwen2-align: {a.recipe}: plan needs a trainer recipe (sft, rm, dpo, online-dpo)", file=sys.stderr)
+        return 2
+    print(render_plan(recipe, a.gpus, Path(a.recipe).parent))
+    return 0
+
+
+def _add_push(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a finished run directory (e.g. runs/tiny/dpo)")
+    p.add_argument("--repo", required=True, help="Hub repository id, e.g. my-org/qwen2-7b-aligned")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
+    p.add_argument("--out", default=None, help="where to write that folder (default RUN/hub-upload)")
+    p.add_argument("--license", default="apache-2.0")
+
+
+def _run_push(a: argparse.Namespace) -> int:
+    from .hub import push
+
+    folder = push(a.run, a.repo, private=a.private, dry_run=a.dry_run, out=a.out, license=a.license)
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    print(f"{'would upload' if a.dry_run else 'uploaded'} {folder} to {a.repo}: {files}")
+    return 0
+
+
 def _run_demo(a: argparse.Namespace) -> int:
     """The tiny pipeline as far as it is built, with the figures that show each stage working."""
     import json
@@ -109,8 +143,8 @@ COMMANDS: dict[str, Command] = {
     "chat": ("generate replies from a checkpoint for a few prompts", _add_chat, _run_chat),
     "check": ("validate recipes without running anything", _add_check, _run_check),
     "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)", None, None),
-    "plan": ("parameter count and memory per GPU for a recipe", None, None),
-    "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", None, None),
+    "plan": ("parameter count and memory per GPU for a recipe", _add_plan, _run_plan),
+    "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _run_push),
     "demo": ("the whole pipeline on the tiny default", None, _run_demo),
 }
 
@@ -137,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .generation import GenerationError
+    from .hub import HubError
     from .recipes import RecipeError
     from .stages import StageError
 
@@ -160,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return runner(args)
-    except (RecipeError, DataError, StageError, GenerationError) as e:
+    except (RecipeError, DataError, StageError, GenerationError, HubError) as e:
         print(f"qwen2-align: {e}", file=sys.stderr)
         return 2
 

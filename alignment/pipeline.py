@@ -79,6 +79,9 @@ def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str]
     recipe = build(recipe_class, data, where)
     trl_config = getattr(recipe_class, "trl_config", "")
     if trl_config:
+        if "hub_token" in recipe.training:
+            raise RecipeError(f"{where}: training.hub_token: a token does not belong in a recipe (it would be saved "
+                              "with the run); set HF_TOKEN or run `hf auth login`")
         module, _, cls = trl_config.rpartition(".")
         recipe.training = check_keys(getattr(importlib.import_module(module), cls), recipe.training, where,
                                      prefix="training.")

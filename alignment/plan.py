@@ -1,0 +1,133 @@
+"""`qwen2-align plan`: parameters and memory per GPU for a trainer recipe, before renting the GPUs.
+
+The estimate assumes what the recipes use: bf16 weights and gradients, float32 master weights
+and Adam moments (16 bytes per trained parameter), fully sharded across the GPUs (ZeRO-3 /
+FSDP FULL_SHARD), one or two decoder layers gathered at a time, and activations per
+micro-batch of `per_device_train_batch_size` x `max_length` tokens: every layer's saved
+tensors, or only the layer inputs under gradient checkpointing plus one layer recomputed.
+The LM head costs one chunk of logits (our chunked loss), not the full [tokens, vocab] block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model.loss import CHUNK_ROWS
+from .stages import StageError
+
+GiB = 1024**3
+
+
+def model_config(name_or_path: str, recipe_dir: Path | None = None) -> Any:
+    """config.json of a local checkpoint, the matching preset for a released Qwen2 id, or the Hub's.
+
+    A run directory that does not exist yet is traced through the recipe (in `recipe_dir`)
+    whose `run_dir` it is, to the model that run starts from."""
+    from .model import PRESETS, Qwen2Config, preset_config
+
+    if Path(name_or_path, "config.json").exists():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name_or_path)
+    if recipe_dir is not None:
+        for path in sorted(recipe_dir.glob("*.yaml")):
+            data = yaml.safe_load(path.read_text()) or {}
+            if Path(str(data.get("run_dir", ""))) == Path(name_or_path) and data.get("model"):
+                return model_config(str(data["model"]), recipe_dir)
+    key = re.sub(r"-(instruct|chat)$", "", name_or_path.split("/")[-1].lower())
+    if key in PRESETS:
+        return preset_config(key)
+    try:
+        return Qwen2Config.from_pretrained(name_or_path)  # the real Hub path, for ids we do not know
+    except OSError as e:
+        raise StageError(f"plan: cannot read the config of {name_or_path} ({str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class ParameterCount:
+    embedding: int
+    per_layer: list[int]
+    lm_head: int  # 0 when tied to the embedding
+    active_per_token: int  # MoE: parameters a token passes through
+
+    @property
+    def total(self) -> int:
+        return self.embedding + sum(self.per_layer) + self.lm_head + self.per_layer_norms
+
+    per_layer_norms: int = 0
+
+
+def count_parameters(c: Any) -> ParameterCount:
+    h, heads, kv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or h // heads
+    attention = h * heads * d + heads * d + 2 * (h * kv * d + kv * d) + heads * d * h  # q, k, v with bias; o
+    norms = 2 * h
+    layers, active = [], []
+    num_experts = getattr(c, "num_experts", 0) or 0
+    sparse_step = getattr(c, "decoder_sparse_step", 1) or 1
+    mlp_only = set(getattr(c, "mlp_only_layers", None) or [])
+    for i in range(c.num_hidden_layers):
+        if num_experts and i not in mlp_only and (i + 1) % sparse_step == 0:
+            expert = 3 * h * c.moe_intermediate_size
+            shared = 3 * h * c.shared_expert_intermediate_size + h  # + its sigmoid gate
+            router = h * num_experts
+            layers.append(attention + norms + num_experts * expert + shared + router)
+            active.append(attention + norms + c.num_experts_per_tok * expert + shared + router)
+        else:
+            layers.append(attention + norms + 3 * h * c.intermediate_size)
+            active.append(layers[-1])
+    embedding = c.vocab_size * h
+    lm_head = 0 if c.tie_word_embeddings else c.vocab_size * h
+    return ParameterCount(embedding, layers, lm_head, embedding + sum(active) + lm_head + h, per_layer_norms=h)
+
+
+def memory_plan(config: Any, gpus: int, micro_batch: int, seq_len: int, checkpointing: bool,
+                reference_model: bool = False, lora: bool = False) -> dict[str, float]:
+    """Bytes per GPU by component (see the module docstring for the assumptions)."""
+    p = count_parameters(config)
+    trained = 0.01 * p.total if lora else p.total  # LoRA: adapters are ~1% of the weights
+    h, vocab = config.hidden_size, config.vocab_size
+    inter = max(getattr(config, "intermediate_size", 0), getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    tokens = micro_batch * seq_len
+    per_token_layer = 20 * h + 8 * inter  # bytes of saved tensors per token per layer (bf16, fp32 norms)
+    layers = config.num_hidden_layers
+    plan = {
+        "weights (bf16, sharded)": 2 * p.total / gpus,
+        "gradients (bf16, sharded)": 2 * trained / gpus,
+        "master weights + Adam (fp32, sharded)": 12 * trained / gpus,
+        "gathered layers (2 in flight)": 2 * 2 * max(p.per_layer) + 2 * (p.embedding + p.lm_head) / gpus,
+        "activations": (tokens * 2 * h * layers + tokens * per_token_layer) if checkpointing
+        else tokens * per_token_layer * layers,
+        "LM head chunk (logits + softmax)": CHUNK_ROWS * vocab * (2 + 4) + tokens * h * 4,
+    }
+    if reference_model:
+        plan["reference model (bf16, sharded)"] = 2 * p.total / gpus
+    return plan
+
+
+def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None) -> str:
+    config = model_config(recipe.model, recipe_dir)
+    t = recipe.training
+    # A DPO or reward-model micro-batch of n pairs runs 2n sequences (chosen and rejected).
+    micro_batch = int(t.get("per_device_train_batch_size", 8)) * (1 if recipe.stage == "sft" else 2)
+    seq_len = int(t.get("max_length") or 1024)
+    checkpointing = bool(t.get("gradient_checkpointing", True))
+    plan = memory_plan(config, gpus, micro_batch, seq_len, checkpointing,
+                       reference_model=recipe.stage in ("dpo", "online-dpo") and recipe.lora is None,
+                       lora=recipe.lora is not None)
+    p = count_parameters(config)
+    lines = [
+        f"model {recipe.model}: {p.total / 1e9:.3f} B parameters ({p.active_per_token / 1e9:.3f} B active per token), "
+        f"embedding {p.embedding / 1e6:.1f} M, {config.num_hidden_layers} layers",
+        f"stage {recipe.stage} on {gpus} GPU(s), ZeRO-3/FSDP full shard, micro-batch {micro_batch} sequences x {seq_len} tokens, "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}{', LoRA' if recipe.lora else ''}",
+    ]
+    width = max(len(k) for k in plan)
+    lines += [f"  {k:<{width}}  {v / GiB:8.2f} GiB" for k, v in plan.items()]
+    lines.append(f"  {'total per GPU':<{width}}  {sum(plan.values()) / GiB:8.2f} GiB")
+    return "\n".join(lines)
