@@ -59,13 +59,22 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample with the checkpoint's settings (default greedy)")
+    g = p.add_argument_group("long context", "for this run only: the checkpoint on disk is not changed")
+    g.add_argument("--dca-chunk-size", type=int, help="Dual Chunk Attention chunk size C, at most the trained length")
+    g.add_argument("--dca-local-size", type=int, help="DCA local window w (blocks are C - w tokens)")
+    g.add_argument("--yarn-factor", type=float, help="YaRN factor s over the trained length (static YaRN without DCA)")
+
+
+def _long_context(a: argparse.Namespace) -> dict:
+    given = {"chunk_size": a.dca_chunk_size, "local_size": a.dca_local_size, "yarn_factor": a.yarn_factor}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _run_chat(a: argparse.Namespace) -> int:
     from .checkpoint import load_model_and_tokenizer
     from .generation import generate_chat
 
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model, long_context=_long_context(a))
     model.eval()
     convs = [[{"role": "user", "content": p}] for p in a.prompt]
     for prompt, reply in zip(a.prompt, generate_chat(model, tok, convs, a.max_new_tokens, do_sample=a.sample)):
@@ -84,7 +93,8 @@ def _run_demo(a: argparse.Namespace) -> int:
     model_dir = Path(a.out) / "init"
     _run_init(argparse.Namespace(preset="tiny", out=str(model_dir), seed=0, dtype="float32", initializer_range=None))
     prompts = ["What is 2 + 3?", "Name a colour.", "Say hello in French.", "写一首关于春天的诗。"]
-    return _run_chat(argparse.Namespace(model=str(model_dir), prompt=prompts, max_new_tokens=16, sample=False))
+    chat = dict(model=str(model_dir), prompt=prompts, max_new_tokens=16, sample=False)
+    return _run_chat(argparse.Namespace(**chat, dca_chunk_size=None, dca_local_size=None, yarn_factor=None))
 
 
 _HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

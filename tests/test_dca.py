@@ -247,3 +247,20 @@ def test_enable_long_context_round_trips_through_config_json(tmp_path):
     assert stock.config.rope_parameters["rope_type"] == "yarn"
     with pytest.raises(ValueError, match="both chunk_size and local_size"):
         enable_long_context(base, chunk_size=4096)
+
+
+def test_chat_switches_long_context_on_for_generation_only(tmp_path, capsys):
+    from alignment.checkpoint import init_checkpoint, load_causal_lm
+    from alignment.cli import main
+
+    ck = init_checkpoint("tiny", tmp_path / "ck", initializer_range=0.3)
+    before = (ck / "config.json").read_text()
+    # The ChatML prompts are 20-odd tokens, so 8-token blocks put prefill and decoding through every branch.
+    flags = ["--dca-chunk-size", "10", "--dca-local-size", "2", "--yarn-factor", "4"]
+    assert main(["chat", "--model", str(ck), "--prompt", "Hi", "--prompt", "Name three colours.",
+                 "--max-new-tokens", "6", *flags]) == 0
+    assert capsys.readouterr().out.count("assistant:") == 2
+    assert (ck / "config.json").read_text() == before
+    model = load_causal_lm(ck, long_context={"chunk_size": 10, "local_size": 2, "yarn_factor": 4})
+    assert model.model.rotary_emb.block == 8 and model.config.rope_parameters["factor"] == 4.0
+    assert load_causal_lm(ck).config.dual_chunk_attention_config is None

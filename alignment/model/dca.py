@@ -49,7 +49,7 @@ class DualChunkPositions:
     """What every attention layer needs for one forward: built once per forward by `DualChunkRotary`."""
 
     key: tuple[torch.Tensor, torch.Tensor]  # cos, sin at p(j) for the new tokens: [b, n, d]
-    queries: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per branch, temperature folded in: [b, n, d]
+    queries: tuple[torch.Tensor, torch.Tensor]  # cos, sin per branch, temperature folded in: [3, b, n, d]
     row_groups: list[tuple[slice | torch.Tensor, int]]  # rows sharing a left-pad count, and that count
     past_len: int
     block: int  # L
@@ -115,17 +115,14 @@ class DualChunkRotary(nn.Module):
                 "padding; packed samples (positions restarting inside a row) are not supported"
             )
         pos = pos.clamp(min=0)
-        m = yarn_temperature(pos, self.original_len)[..., None]  # [b, n, 1]
-        queries = []
-        for qpos in query_positions(pos, self.block, self.chunk_size):
-            cos, sin = self.rotary(x, qpos)
-            queries.append((cos * m.to(cos.dtype), sin * m.to(sin.dtype)))
+        m = yarn_temperature(pos, self.original_len)[..., None].to(x.dtype)  # [b, n, 1]
+        cos, sin = self.rotary(x, torch.stack(query_positions(pos, self.block, self.chunk_size)))  # [3, b, n, d]
         counts = pads.tolist()
         if len(set(counts)) == 1:
             groups = [(slice(None), counts[0])]
         else:
             groups = [((pads == c).nonzero().squeeze(1), c) for c in sorted(set(counts))]
-        return DualChunkPositions(self.rotary(x, pos % self.block), tuple(queries), groups, past_len, self.block)
+        return DualChunkPositions(self.rotary(x, pos % self.block), (cos * m, sin * m), groups, past_len, self.block)
 
 
 def block_parts(start: int, kv_len: int, block: int) -> Iterator[tuple[slice, list[tuple[int, slice, bool]]]]:
@@ -158,7 +155,7 @@ def dual_chunk_attention(
     b, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     past = positions.past_len
-    rotated = [apply_rotary(q, cos, sin) for cos, sin in positions.queries]  # 3 x [b, hq, n, d]
+    rotated = apply_rotary(q[None], *positions.queries)  # [3, b, hq, n, d]: intra, successive, inter
     if len(positions.row_groups) == 1 and positions.row_groups[0][1] <= past:
         pad = positions.row_groups[0][1]
         return _attend_rows(rotated, k[:, :, pad:], v[:, :, pad:], past - pad, positions.block, scale)
@@ -167,12 +164,12 @@ def dual_chunk_attention(
         first = max(past, pad)  # first slot holding a real query
         if first >= past + n:
             continue
-        qs = [r[rows, :, first - past :] for r in rotated]
+        qs = rotated[:, rows, :, first - past :]
         out[rows, :, first - past :] = _attend_rows(qs, k[rows, :, pad:], v[rows, :, pad:], first - pad, positions.block, scale)
     return out
 
 
-def _attend_rows(queries: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, start: int, block: int, scale: float):
+def _attend_rows(queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, block: int, scale: float):
     """Rows without padding: queries at positions start.. over keys at 0..; block by block, merged by LSE."""
     outs = []
     for rows, parts in block_parts(start, k.shape[2], block):
@@ -196,8 +193,10 @@ class _MergedAttention(torch.autograd.Function):
         if len(parts) == 1:
             out, lse = outs[0], lses[0]
         else:
-            lse = torch.stack(lses).logsumexp(0)  # [b, hq, nq]
-            out = sum(o.to(lse.dtype) * (l - lse).exp()[..., None] for o, l in zip(outs, lses)).to(outs[0].dtype)
+            part_lse = torch.stack(lses)  # [parts, b, hq, nq]
+            lse = part_lse.logsumexp(0)
+            weights = (part_lse - lse).exp()
+            out = torch.einsum("pbhq,pbhqd->bhqd", weights, torch.stack(outs).to(lse.dtype)).to(outs[0].dtype)
         ctx.save_for_backward(out, lse, *qkv)
         ctx.scale, ctx.causal = scale, causal
         return out
