@@ -22,8 +22,10 @@ distances the model was trained on. What DCA still needs from YaRN is the attent
 for attending over more keys than in training: the query at position i is multiplied by
 m_i = max(1, 0.1 ln((i + 1) / L0) + 1), YaRN's m at the extension ratio (i + 1) / L0 that this
 query faces (L0 = `original_max_position_embeddings`; 0 or absent turns it off). vLLM multiplies
-the query by the same formula with one ratio per sequence; taking it per query makes cached
-decoding equal to prefill, and agrees with vLLM on every token that is generated.
+the query by the same formula (logits x m, not YaRN's m^2 on cos and sin) but with one ratio per
+sequence, n / L0, for every prompt row. Per query, the prompt's earlier rows get the factor of
+their own length, which is what makes cached decoding equal prefill; each new token gets the
+same factor as in vLLM.
 
 Cache: keys are stored already rotated at p(j), which does not depend on the query, so
 transformers' `DynamicCache` holds them as they are and decoding only rotates the new query.
