@@ -1,7 +1,7 @@
 """Prefill time and peak memory of Dual Chunk Attention vs plain causal SDPA, same weights, same process.
 
     python benchmarks/dca_prefill.py [--preset tiny] [--lengths 4096 16384 32768] [--chunk-size 2048]
-                                     [--local-size 256] [--steps 3]
+                                     [--local-size 256] [--steps 3] [--threads 2]
 
 Both run our backbone's prefill as `generate` does (KV cache on, logits of the last token only)
 under inference mode, batch 1, float32. The baseline is the model without DCA: SDPA's causal
@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--local-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed prefills per length and model (median)")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
 
     config = preset_config(a.preset, max_position_embeddings=max(a.lengths))
     torch.manual_seed(0)

@@ -144,8 +144,8 @@ def plot(table: dict[str, dict[int, float]], train_len: int, path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in table.items():
-        ax.plot(list(row), [100 * v for v in row.values()], marker="o", label=name)
+    for (name, row), style in zip(table.items(), ("-o", "--s", "-^", ":v")):
+        ax.plot(list(row), [100 * v for v in row.values()], style, label=name, alpha=0.85)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(next(iter(table.values()))), [f"{n // train_len}T = {n}" for n in next(iter(table.values()))])
     ax.set_ylim(-5, 105)

@@ -222,6 +222,18 @@ def test_generate_gives_the_greedy_tokens_of_full_prefill(long_model):
     assert len(set(gen[0, 90:].tolist())) > 4, "weights too small: greedy output is degenerate"
 
 
+def test_bf16_training_step_runs_and_agrees_with_float32(long_model):
+    model = copy.deepcopy(long_model).to(torch.bfloat16).train()
+    ids = torch.randint(0, VOCAB, (2, 70))  # 5 blocks
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        ref = long_model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - ref.item()) / ref.item() < 0.02
+
+
 def test_packed_samples_and_4d_masks_are_refused(long_model):
     ids = torch.randint(0, VOCAB, (1, 30))
     with pytest.raises(ValueError, match="packed samples"):

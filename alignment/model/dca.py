@@ -156,26 +156,32 @@ def dual_chunk_attention(
     """Causal DCA of the new queries over all keys so far, for left-padded or unpadded rows."""
     b, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    past = positions.past_len
-    rotated = apply_rotary(q[None], *positions.queries)  # [3, b, hq, n, d]: intra, successive, inter
+    past, (cos, sin) = positions.past_len, positions.queries
     if len(positions.row_groups) == 1 and positions.row_groups[0][1] <= past:
         pad = positions.row_groups[0][1]
-        return _attend_rows(rotated, k[:, :, pad:], v[:, :, pad:], past - pad, positions.block, scale)
+        return _attend_rows(q, cos, sin, k[:, :, pad:], v[:, :, pad:], past - pad, positions.block, scale)
     out = q.new_zeros(b, hq, n, d)
     for rows, pad in positions.row_groups:
         first = max(past, pad)  # first slot holding a real query
         if first >= past + n:
             continue
-        qs = rotated[:, rows, :, first - past :]
-        out[rows, :, first - past :] = _attend_rows(qs, k[rows, :, pad:], v[rows, :, pad:], first - pad, positions.block, scale)
+        new = slice(first - past, None)
+        out[rows, :, new] = _attend_rows(
+            q[rows, :, new], cos[:, rows, new], sin[:, rows, new], k[rows, :, pad:], v[rows, :, pad:], first - pad,
+            positions.block, scale,
+        )
     return out
 
 
-def _attend_rows(queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, block: int, scale: float):
-    """Rows without padding: queries at positions start.. over keys at 0..; block by block, merged by LSE."""
+def _attend_rows(q, cos, sin, k, v, start: int, block: int, scale: float) -> torch.Tensor:
+    """Rows without padding: queries at positions start.. over keys at 0..; block by block, merged by LSE.
+
+    Queries are rotated one block at a time, so the three rotated copies never exist for all n.
+    """
     outs = []
     for rows, parts in block_parts(start, k.shape[2], block):
-        tensors = [t for branch, keys, _ in parts for t in (queries[branch][:, :, rows], k[:, :, keys], v[:, :, keys])]
+        queries = apply_rotary(q[None, :, :, rows], cos[:, :, rows], sin[:, :, rows])  # [3, b, hq, rows, d]
+        tensors = [t for branch, keys, _ in parts for t in (queries[branch], k[:, :, keys], v[:, :, keys])]
         outs.append(_MergedAttention.apply(scale, tuple(c for _, _, c in parts), *tensors))
     return torch.cat(outs, dim=2)
 
