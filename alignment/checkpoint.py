@@ -9,8 +9,8 @@ import torch
 from transformers import GenerationConfig
 
 from .atomic import atomic_dir
-from .model import Qwen2ForCausalLM, preset_config
-from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, load_tokenizer, qwen2_tokenizer
+from .model import Qwen2Config, Qwen2ForCausalLM, enable_long_context, preset_config
+from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, qwen2_tokenizer
 
 # "auto" keeps the dtype the checkpoint was saved in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -42,10 +42,16 @@ def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     return Path(out)
 
 
-def load_causal_lm(name_or_path: str | os.PathLike, dtype: str = "float32") -> Qwen2ForCausalLM:
-    """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` checkpoint)."""
-    return Qwen2ForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
+def load_causal_lm(
+    name_or_path: str | os.PathLike, dtype: str = "float32", long_context: dict | None = None
+) -> Qwen2ForCausalLM:
+    """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` checkpoint).
 
+    `long_context` (keyword arguments of `enable_long_context`: chunk_size, local_size,
+    yarn_factor) changes the loaded config only, e.g. for evaluation; the checkpoint is untouched.
+    """
+    kwargs = {}
+    if long_context:
+        kwargs["config"] = enable_long_context(Qwen2Config.from_pretrained(str(name_or_path)), **long_context)
+    return Qwen2ForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype], **kwargs)
 
-def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: str = "float32"):
-    return load_causal_lm(name_or_path, dtype), load_tokenizer(str(name_or_path))

@@ -41,12 +41,17 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g = p.add_argument_group("long context", "for this run only: the checkpoint on disk is not changed")
+    g.add_argument("--dca-chunk-size", type=int, help="Dual Chunk Attention chunk size C, at most the trained length")
+    g.add_argument("--dca-local-size", type=int, help="DCA local window w (blocks are C - w tokens)")
+    g.add_argument("--yarn-factor", type=float, help="YaRN factor s over the trained length (static YaRN without DCA)")
 
 
 def _run_chat(a: argparse.Namespace) -> int:
     from .generation import GenerationSpec, make_generator
 
-    spec = GenerationSpec(backend=a.backend, model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
+    spec = GenerationSpec(backend=a.backend, model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          dca_chunk_size=a.dca_chunk_size, dca_local_size=a.dca_local_size, yarn_factor=a.yarn_factor)
     with make_generator(spec) as gen:
         replies = gen.generate([[{"role": "user", "content": p}] for p in a.prompt], spec.sampling(seed=0))
     for prompt, reply in zip(a.prompt, replies):

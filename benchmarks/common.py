@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import platform
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -29,6 +31,25 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int = 1) -> float:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak-RSS window (Linux): trim freed heap pages, reset VmHWM to VmRSS; returns VmRSS in MB.
+
+    Peak memory of one call in this process is then `peak_rss_since_reset_mb()` minus the returned value.
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_mb("VmRSS")
+
+
+def peak_rss_since_reset_mb() -> float:
+    return _proc_status_mb("VmHWM")
+
+
+def _proc_status_mb(field: str) -> float:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) / 1024
 
 
 def machine() -> dict:

@@ -2,23 +2,28 @@ import json
 import subprocess
 import sys
 
-from alignment.cli import STAGES, main
+from pathlib import Path
+
+from alignment.cli import COMMANDS, main
+from alignment.pipeline import STAGES
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_help_lists_every_stage():
+def test_help_lists_every_stage_and_command():
     out = _cli("--help")
     assert out.returncode == 0
-    for stage in STAGES:
-        assert stage in out.stdout
+    for name in [*STAGES, *COMMANDS]:
+        assert name in out.stdout
 
 
-def test_unbuilt_stage_says_so_and_fails(capsys):
-    assert main(["online-dpo"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_unbuilt_stage_validates_its_recipe_then_says_so(capsys):
+    assert main(["online-dpo", "--recipe", str(RECIPES / "tiny" / "online-dpo.yaml")]) == 2
+    assert "is valid, but stage 'online-dpo' is not built yet" in capsys.readouterr().err
 
 
 def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):

@@ -66,6 +66,14 @@ class GenerationSpec:
     concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 3
+    # Long context for this generation only, the checkpoint is not changed (see enable_long_context):
+    dca_chunk_size: int | None = None  # Dual Chunk Attention chunk size C
+    dca_local_size: int | None = None  # DCA local window w
+    yarn_factor: float | None = None  # YaRN factor over the trained length
+
+    def long_context(self) -> dict:
+        given = {"chunk_size": self.dca_chunk_size, "local_size": self.dca_local_size, "yarn_factor": self.yarn_factor}
+        return {k: v for k, v in given.items() if v is not None}
 
     def sampling(self, seed: int | None = None, **overrides) -> SamplingParams:
         return SamplingParams(

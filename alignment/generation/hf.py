@@ -28,7 +28,7 @@ class TransformersGenerator(Generator):
         from ..tokenizer import load_tokenizer
 
         self.spec = spec
-        self.model = model if model is not None else load_causal_lm(spec.model, spec.dtype).eval()
+        self.model = model if model is not None else load_causal_lm(spec.model, spec.dtype, spec.long_context()).eval()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
 

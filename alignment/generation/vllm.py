@@ -25,6 +25,12 @@ class VLLMGenerator(Generator):
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.model)
         kwargs = {"max_model_len": spec.max_model_len} if spec.max_model_len else {}
+        if spec.long_context():  # the same config fields our loader sets, handed to vLLM as overrides
+            from ..model import Qwen2Config, enable_long_context
+
+            long = enable_long_context(Qwen2Config.from_pretrained(spec.model), **spec.long_context()).to_dict()
+            kwargs["hf_overrides"] = {k: long[k] for k in ("rope_scaling", "max_position_embeddings",
+                                                         "dual_chunk_attention_config") if k in long}
         self.llm = LLM(
             model=spec.model,
             dtype=spec.dtype,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .dca import DualChunkPositions, dual_chunk_attention
 from .rope import apply_rotary
 
 
@@ -78,14 +79,20 @@ class Qwen2Attention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,  # [b, n, hidden]
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [b, n, head_dim]
-        mask: AttentionMask,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | DualChunkPositions,  # cos, sin: [b, n, head_dim]
+        mask: AttentionMask | None,
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         b, n, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [b, hq, n, d]
         k = self.k_proj(hidden_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, n, d]
         v = self.v_proj(hidden_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, hkv, n, d]
+        if isinstance(position_embeddings, DualChunkPositions):
+            k = apply_rotary(k, *position_embeddings.key)  # at p(j): the cache stores final keys
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)
+            out = dual_chunk_attention(q, k, v, position_embeddings)  # [b, hq, n, d]
+            return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from .attention import AttentionMask, Qwen2Attention, build_attention_mask
 from .config import Qwen2Config
+from .dca import DualChunkPositions, DualChunkRotary
 from .loss import causal_lm_loss, token_logprobs
 from .rope import RotaryEmbedding
 
@@ -92,8 +93,8 @@ class Qwen2DecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,  # [b, n, hidden]
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        mask: AttentionMask,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | DualChunkPositions,
+        mask: AttentionMask | None,
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask, past_key_values)
@@ -122,7 +123,10 @@ class Qwen2Model(Qwen2PreTrainedModel):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary_emb = RotaryEmbedding(config.rope_parameters, head_dim, config.max_position_embeddings)
+        if config.dual_chunk_attention_config:
+            self.rotary_emb = DualChunkRotary(config)
+        else:
+            self.rotary_emb = RotaryEmbedding(config.rope_parameters, head_dim, config.max_position_embeddings)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -147,11 +151,13 @@ class Qwen2Model(Qwen2PreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         b, n, _ = inputs_embeds.shape
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + n, device=inputs_embeds.device).expand(b, n)
-
-        mask = build_attention_mask(attention_mask, position_ids, n, past_len)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        if isinstance(self.rotary_emb, DualChunkRotary):  # positions come from the padding mask
+            mask, position_embeddings = None, self.rotary_emb(inputs_embeds, attention_mask, position_ids, past_len)
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(past_len, past_len + n, device=inputs_embeds.device).expand(b, n)
+            mask = build_attention_mask(attention_mask, position_ids, n, past_len)
+            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.layers:

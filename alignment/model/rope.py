@@ -89,6 +89,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, heads, n, d]; cos/sin: [b, n, d]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x: [..., b, heads, n, d]; cos/sin: [..., b, n, d]."""
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     return x * cos + rotate_half(x) * sin
