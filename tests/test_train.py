@@ -127,3 +127,17 @@ def test_sft_killed_mid_training_resumes_to_the_same_weights(setup):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(setup):
+    root, model, data = setup
+    path = _recipe(root, "sft", model, data["demonstrations"], root / "sft-lora", max_steps=3, learning_rate=1e-2)
+    text = yaml.safe_load(Path(path).read_text())
+    text["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    Path(path).write_text(yaml.safe_dump(text))
+    run("sft", load_recipe(path))
+    saved = load_file(root / "sft-lora" / "model.safetensors")
+    start = load_file(Path(model) / "model.safetensors")
+    assert not any("lora" in k for k in saved) and saved.keys() == start.keys()  # merged into plain weights
+    changed = {k for k in saved if not torch.equal(saved[k], start[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
