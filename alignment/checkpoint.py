@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 from .atomic import atomic_dir
-from .model import Qwen2ForCausalLM, preset_config
+from .model import CAUSAL_LM_CLASSES, Qwen2ForCausalLM, preset_config
 from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, load_tokenizer, qwen2_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,7 +33,7 @@ def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     """Write a randomly initialised model of a preset shape, with tokenizer and generation config."""
     config = preset_config(preset, **overrides)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(DTYPES[dtype])
+    model = CAUSAL_LM_CLASSES[config.model_type](config).to(DTYPES[dtype])
     model.generation_config = chat_generation_config()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -42,8 +42,11 @@ def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
 
 
 def load_causal_lm(name_or_path: str | os.PathLike, dtype: str = "float32") -> Qwen2ForCausalLM:
-    """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` checkpoint)."""
-    return Qwen2ForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
+    """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` or `qwen2_moe` checkpoint)."""
+    model_type = PretrainedConfig.get_config_dict(str(name_or_path))[0].get("model_type")
+    if model_type not in CAUSAL_LM_CLASSES:
+        raise ValueError(f"{name_or_path}: model_type {model_type!r} is not one of {', '.join(CAUSAL_LM_CLASSES)}")
+    return CAUSAL_LM_CLASSES[model_type].from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: str = "float32"):

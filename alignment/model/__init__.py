@@ -1,7 +1,17 @@
-"""Our Qwen2 backbone: weight-for-weight compatible with Hugging Face `qwen2` checkpoints."""
+"""Our Qwen2 backbone: weight-for-weight compatible with Hugging Face `qwen2` and `qwen2_moe` checkpoints."""
 
-from .config import Qwen2Config
-from .modeling import Qwen2ForCausalLM, Qwen2Model, Qwen2PreTrainedModel
+from .config import Qwen2Config, Qwen2MoeConfig
+from .modeling import CAUSAL_LM_CLASSES, Qwen2ForCausalLM, Qwen2Model, Qwen2MoeForCausalLM, Qwen2PreTrainedModel
 from .presets import PRESETS, preset_config
 
-__all__ = ["PRESETS", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2Model", "Qwen2PreTrainedModel", "preset_config"]
+__all__ = [
+    "CAUSAL_LM_CLASSES",
+    "PRESETS",
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
+    "Qwen2Model",
+    "Qwen2MoeConfig",
+    "Qwen2MoeForCausalLM",
+    "Qwen2PreTrainedModel",
+    "preset_config",
+]
