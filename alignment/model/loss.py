@@ -83,8 +83,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad_out.to(saved[0].dtype) if ctx.need[0] else None
-        grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.need[1] else None
+        grad_h = grad_w = None
+        if ctx.need[0]:
+            grad_h = saved.pop(0)
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if ctx.need[1]:
+            grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
 
 
