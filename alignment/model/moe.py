@@ -56,11 +56,9 @@ def _spans(counts: list[int]) -> list[tuple[int, slice]]:
     return spans
 
 
-def _sum_slots(rows: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Sum the [S, H] rows of the expert-sorted slots back into their tokens: [S / k, H]."""
-    by_slot = torch.empty_like(rows)
-    by_slot[order] = rows  # slot s = t * k + j
-    return by_slot.view(-1, top_k, rows.shape[-1]).sum(1)
+def _sum_slots(rows: torch.Tensor, tok: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sum the [S, H] rows of the expert-sorted slots into their tokens: [T, H]."""
+    return rows.new_zeros(num_tokens, rows.shape[-1]).index_add_(0, tok, rows)
 
 
 class _GroupedExperts(torch.autograd.Function):
@@ -73,7 +71,8 @@ class _GroupedExperts(torch.autograd.Function):
         n = len(counts)
         gate_w, up_w, down_w = params[:n], params[n : 2 * n], params[2 * n :]
         spans = _spans(counts)
-        xs = x.index_select(0, order // top_k)  # [S, H]
+        tok = order // top_k  # [S] token of each sorted slot
+        xs = x.index_select(0, tok)  # [S, H]
         g = x.new_empty(order.numel(), gate_w[0].shape[0])  # [S, I]
         u = torch.empty_like(g)
         for e, rows in spans:
@@ -83,19 +82,18 @@ class _GroupedExperts(torch.autograd.Function):
         h = F.silu(g).mul_(u).mul_(ws[:, None])  # [S, I]
         for e, rows in spans:
             torch.mm(h[rows], down_w[e].T, out=xs[rows])  # xs is free now: reuse it for the outputs
-        ctx.save_for_backward(x, g, u, ws, order, *params)
-        ctx.spans, ctx.top_k = spans, top_k
-        return _sum_slots(xs, order, top_k)
+        ctx.save_for_backward(x, g, u, ws, order, tok, *params)
+        ctx.spans = spans
+        return _sum_slots(xs, tok, x.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, g, u, ws, order, *params = ctx.saved_tensors
+        x, g, u, ws, order, tok, *params = ctx.saved_tensors
         n = len(params) // 3
         gate_w, up_w, down_w = params[:n], params[n : 2 * n], params[2 * n :]
         need_x, need_w = ctx.needs_input_grad[:2]
         need_params = any(ctx.needs_input_grad[5:])
-        tok = order // ctx.top_k
         dy = grad_out.contiguous().index_select(0, tok)  # [S, H]
 
         acc = torch.promote_types(g.dtype, torch.float32)  # elementwise math in at least float32
@@ -130,7 +128,7 @@ class _GroupedExperts(torch.autograd.Function):
                 dxs[rows].addmm_(du[rows], up_w[e])
         if need_params:  # experts that got no tokens still get a (zero) gradient, as a fused parameter would
             grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
-        dx = _sum_slots(dxs, order, ctx.top_k) if need_x else None
+        dx = _sum_slots(dxs, tok, x.shape[0]) if need_x else None
         return (dx, dws, None, None, None, *grads)
 
 
