@@ -3,9 +3,10 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PRESET  ?= tiny
+MOE     ?= tiny-moe
 RUN     ?= runs/demo
 
-.PHONY: install test test-slow demo init bench clean
+.PHONY: install test test-slow demo init upcycle bench clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -28,8 +29,14 @@ demo:
 init:
 	$(BIN)/qwen2-align init --preset $(PRESET) --out runs/init-$(PRESET)
 
+# The dense $(PRESET) checkpoint (built if missing) upcycled into an MoE of the $(MOE) preset's shape.
+upcycle:
+	test -d runs/init-$(PRESET) || $(BIN)/qwen2-align init --preset $(PRESET) --out runs/init-$(PRESET)
+	$(BIN)/qwen2-align upcycle --dense runs/init-$(PRESET) --preset $(MOE) --out runs/upcycle-$(MOE)
+
 bench:
 	$(BIN)/python benchmarks/backbone.py
+	$(BIN)/python benchmarks/moe.py
 
 clean:
 	rm -rf runs .pytest_cache

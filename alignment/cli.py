@@ -73,6 +73,49 @@ def _run_chat(a: argparse.Namespace) -> int:
     return 0
 
 
+_MOE_SHAPE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def _add_upcycle(p: argparse.ArgumentParser) -> None:
+    from .model import PRESETS
+
+    moe_presets = sorted(k for k, v in PRESETS.items() if "num_experts" in v)
+    p.add_argument("--dense", required=True, help="dense qwen2 checkpoint directory")
+    p.add_argument("--out", required=True, help="MoE checkpoint directory to write")
+    p.add_argument("--preset", choices=moe_presets, help="take the MoE shape from this preset (flags below override)")
+    p.add_argument("--num-experts", type=int, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, help="experts active per token")
+    p.add_argument("--expert-size", type=int, help="width H_E of each routed expert")
+    p.add_argument("--shared-size", type=int, help="width H_S of the shared expert")
+    p.add_argument("--reinit-fraction", type=float, default=0.5, help="share of each expert's weights re-drawn")
+    p.add_argument("--norm-topk-prob", action="store_true", help="renormalise the top-k routing weights")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_upcycle(a: argparse.Namespace) -> int:
+    from .model import PRESETS
+    from .upcycle import upcycle
+
+    preset = PRESETS[a.preset] if a.preset else {}
+    flags = dict(zip(_MOE_SHAPE, (a.num_experts, a.top_k, a.expert_size, a.shared_size)))
+    shape = {k: preset.get(k) if v is None else v for k, v in flags.items()}
+    missing = [f"--{f}" for f, k in zip(("num-experts", "top-k", "expert-size", "shared-size"), _MOE_SHAPE) if shape[k] is None]
+    if missing:
+        print(f"qwen2-align upcycle: give --preset or {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        path = upcycle(
+            a.dense, a.out, *shape.values(), reinit_fraction=a.reinit_fraction, seed=a.seed,
+            norm_topk_prob=a.norm_topk_prob or preset.get("norm_topk_prob", False),
+            router_aux_loss_coef=preset.get("router_aux_loss_coef", 0.001),
+        )
+    except ValueError as e:
+        print(f"qwen2-align upcycle: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the MoE upcycled from {a.dense} to {path}")
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory")
 
@@ -90,6 +133,7 @@ def _run_demo(a: argparse.Namespace) -> int:
 _HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "init": (_add_init, _run_init),
     "chat": (_add_chat, _run_chat),
+    "upcycle": (_add_upcycle, _run_upcycle),
     "demo": (_add_demo, _run_demo),
 }
 

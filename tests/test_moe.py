@@ -248,3 +248,9 @@ def test_57b_preset_and_hub_config(tmp_path):
     read = Qwen2MoeConfig.from_pretrained(tmp_path)
     assert read.mlp_only_layers == [] and read.rope_parameters["rope_theta"] == 1e6
     assert all(is_moe_layer(read, i) for i in range(28))
+
+
+def test_loading_a_non_qwen2_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not one of qwen2, qwen2_moe"):
+        load_causal_lm(tmp_path)
