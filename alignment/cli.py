@@ -82,7 +82,7 @@ def _add_upcycle(p: argparse.ArgumentParser) -> None:
     moe_presets = sorted(k for k, v in PRESETS.items() if "num_experts" in v)
     p.add_argument("--dense", required=True, help="dense qwen2 checkpoint directory")
     p.add_argument("--out", required=True, help="MoE checkpoint directory to write")
-    p.add_argument("--preset", choices=moe_presets, help="take the MoE shape from this preset (flags below override)")
+    p.add_argument("--preset", choices=moe_presets, help="take experts, top-k and widths from this MoE preset")
     p.add_argument("--num-experts", type=int, help="routed experts per layer")
     p.add_argument("--top-k", type=int, help="experts active per token")
     p.add_argument("--expert-size", type=int, help="width H_E of each routed expert")

@@ -1,6 +1,6 @@
 """Qwen2 configurations: the standard HF `qwen2` and `qwen2_moe` config.json, plus the DCA field vLLM reads.
 
-We extend transformers' own config classes (it already parses `rope_theta`, `rope_scaling` and
+We extend transformers' own config classes (they already parse `rope_theta`, `rope_scaling` and
 `rope_parameters`) and, on save, also write the legacy `rope_theta` / `rope_scaling` keys:
 readers older than transformers 5 (and some serving stacks) only know those, and without them
 they silently fall back to base 10,000 and no YaRN.

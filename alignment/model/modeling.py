@@ -149,7 +149,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
-        if not isinstance(self.config, Qwen2MoeConfig):
+        if self.config.model_type != "qwen2_moe":
             return BaseModelOutputWithPast(**out)
         return MoeModelOutputWithPast(**out, router_logits=tuple(all_router_logits) if output_router_logits else None)
 
