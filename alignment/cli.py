@@ -99,7 +99,8 @@ def _run_upcycle(a: argparse.Namespace) -> int:
     preset = PRESETS[a.preset] if a.preset else {}
     flags = dict(zip(_MOE_SHAPE, (a.num_experts, a.top_k, a.expert_size, a.shared_size)))
     shape = {k: preset.get(k) if v is None else v for k, v in flags.items()}
-    missing = [f"--{f}" for f, k in zip(("num-experts", "top-k", "expert-size", "shared-size"), _MOE_SHAPE) if shape[k] is None]
+    names = ("--num-experts", "--top-k", "--expert-size", "--shared-size")
+    missing = [flag for flag, k in zip(names, _MOE_SHAPE) if shape[k] is None]
     if missing:
         print(f"qwen2-align upcycle: give --preset or {', '.join(missing)}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ def moe_config(
     if not 0 < top_k <= num_experts:
         raise ValueError(f"--top-k must be between 1 and --num-experts ({num_experts}), got {top_k}")
     if expert_size <= 0 or shared_size < 0:
-        raise ValueError(f"--expert-size must be positive and --shared-size non-negative, got {expert_size}, {shared_size}")
+        raise ValueError(f"--expert-size must be > 0 and --shared-size >= 0, got {expert_size} and {shared_size}")
     fields = {k: getattr(dense, k) for k in _CARRIED_FIELDS if hasattr(dense, k)}
     config = Qwen2MoeConfig(
         **fields,

@@ -1,7 +1,7 @@
 """Forward + backward tokens/s of our Qwen2 MoE vs stock transformers' Qwen2MoeForCausalLM, same weights, same process.
 
-    python benchmarks/moe.py [--layers 2] [--batch 4] [--seq 512] [--steps 3] [--dtype float32]
-                             [--stock eager,grouped_mm]
+    python benchmarks/moe.py [--layers 2] [--batch 4] [--seq 512] [--steps 5] [--dtype float32]
+                             [--stock eager,grouped_mm] [--threads N]
 
 The shape is Qwen2-57B-A14B's scaled down: 64 experts, 8 active, no top-k renormalisation, one
 shared expert 8 experts wide; hidden 256 (8 heads, 2 KV heads), expert width 64, shared width 512.
@@ -40,7 +40,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed rounds")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--stock", default="eager,grouped_mm", help="stock experts implementations to time")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
 
     config = preset_config(
@@ -90,7 +93,7 @@ def main() -> None:
         results[part]["ratio"] = ratio
         print(f"{part:>13} | {'ours / ' + best:>18}: {ratio:8.2f}x  ({a.layers} layers, batch {a.batch} x {a.seq}, "
               f"{a.dtype}, {torch.get_num_threads()} threads)")
-    write_result(f"moe-{a.dtype}", {"args": vars(a), "tokens_per_s": results})
+    write_result(f"moe-{a.dtype}-{torch.get_num_threads()}threads", {"args": vars(a), "tokens_per_s": results})
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def test_non_ffn_weights_are_copied_and_router_starts_small(ckpts):
 
 
 def test_same_seed_same_checkpoint_and_sharded_output_loads_in_stock(ckpts, tmp_path):
-    again = upcycle(ckpts["dense"], tmp_path / "again", **SHAPE, reinit_fraction=0.5, seed=7, max_shard_bytes=30 * 2**20)
+    again = upcycle(ckpts["dense"], tmp_path / "again", **SHAPE, reinit_fraction=0.5, seed=7,
+                    max_shard_bytes=30 * 2**20)
     files = sorted(p.name for p in again.glob("*.safetensors"))
     assert len(files) > 1 and (again / "model.safetensors.index.json").exists()
     one = _weights(ckpts["reinit"])
@@ -140,14 +141,17 @@ def test_cli_upcycle_with_preset_and_clear_errors(ckpts, tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["model_type"] == "qwen2_moe" and config["num_experts_per_tok"] == 4
-    assert (config["num_experts"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"]) == (8, 96, 384)
+    shape = (config["num_experts"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"])
+    assert shape == (8, 96, 384)
 
     dense, out = ["--dense", str(ckpts["dense"])], ["--out", str(tmp_path / "bad")]
     errors = {
         "--top-k must be between 1 and --num-experts (4), got 8":
             [*dense, "--num-experts", "4", "--top-k", "8", "--expert-size", "96", "--shared-size", "384", *out],
-        "--reinit-fraction must be in [0, 1], got 1.5": [*dense, "--preset", "tiny-moe", "--reinit-fraction", "1.5", *out],
-        "not a checkpoint directory (no config.json)": ["--dense", str(tmp_path / "nope"), "--preset", "tiny-moe", *out],
+        "--reinit-fraction must be in [0, 1], got 1.5":
+            [*dense, "--preset", "tiny-moe", "--reinit-fraction", "1.5", *out],
+        "not a checkpoint directory (no config.json)":
+            ["--dense", str(tmp_path / "nope"), "--preset", "tiny-moe", *out],
         "give --preset or --num-experts, --top-k, --expert-size, --shared-size": [*dense, *out],
         "upcycling needs a dense 'qwen2' checkpoint": ["--dense", str(tmp_path / "moe"), "--preset", "tiny-moe", *out],
     }

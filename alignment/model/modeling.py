@@ -188,7 +188,8 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        loss, logits = self._loss_or_logits(out.last_hidden_state, labels, shift_labels, num_items_in_batch, logits_to_keep)
+        hidden = out.last_hidden_state  # [b, n, hidden]
+        loss, logits = self._loss_or_logits(hidden, labels, shift_labels, num_items_in_batch, logits_to_keep)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )
@@ -247,7 +248,8 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
         )
-        loss, logits = self._loss_or_logits(out.last_hidden_state, labels, shift_labels, num_items_in_batch, logits_to_keep)
+        hidden = out.last_hidden_state  # [b, n, hidden]
+        loss, logits = self._loss_or_logits(hidden, labels, shift_labels, num_items_in_batch, logits_to_keep)
         aux_loss = None
         if output_router_logits and out.router_logits:
             n = out.last_hidden_state.shape[1]

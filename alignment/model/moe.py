@@ -139,9 +139,7 @@ def grouped_experts(
     flat = experts.reshape(-1)  # [S]
     order = flat.argsort(stable=True)  # [S] slots grouped by expert
     counts = torch.bincount(flat, minlength=len(modules)).tolist()
-    params = (
-        [m.gate_proj.weight for m in modules] + [m.up_proj.weight for m in modules] + [m.down_proj.weight for m in modules]
-    )
+    params = [getattr(m, proj).weight for proj in ("gate_proj", "up_proj", "down_proj") for m in modules]
     return _GroupedExperts.apply(x, weights.reshape(-1), order, counts, experts.shape[-1], *params)
 
 
