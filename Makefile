@@ -6,10 +6,11 @@ BIN     := $(VENV)/bin
 PRESET  ?= tiny
 RECIPE  ?= recipes/tiny
 SET     ?=
+MOE     ?= tiny-moe
 STAGES  := generate instag select evolve responses annotate rejection execution repurpose constitution decontam \
            sft rm dpo online-dpo
 
-.PHONY: install test test-slow demo init check bench clean $(STAGES)
+.PHONY: install test test-slow demo init upcycle check bench clean $(STAGES)
 
 install:
 	$(PY) -m venv $(VENV)
@@ -38,8 +39,15 @@ check:
 $(STAGES):
 	$(BIN)/qwen2-align $@ --recipe $(RECIPE)/$@.yaml $(foreach s,$(SET),--set $(s))
 
+# The dense $(PRESET) checkpoint (built if missing) upcycled into an MoE of the $(MOE) preset's shape.
+upcycle:
+	test -d runs/$(PRESET)/init || $(BIN)/qwen2-align init --preset $(PRESET) --out runs/$(PRESET)/init
+	$(BIN)/qwen2-align upcycle --dense runs/$(PRESET)/init --preset $(MOE) --out runs/$(MOE)/upcycled
+
 bench:
 	$(BIN)/python benchmarks/backbone.py
+	$(BIN)/python benchmarks/moe.py
+	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/generation.py
 
 clean:

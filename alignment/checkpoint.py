@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 from .atomic import atomic_dir
-from .model import Qwen2Config, Qwen2ForCausalLM, enable_long_context, preset_config
+from .model import CAUSAL_LM_CLASSES, Qwen2ForCausalLM, enable_long_context, preset_config
 from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, qwen2_tokenizer
 
 # "auto" keeps the dtype the checkpoint was saved in.
@@ -34,7 +34,7 @@ def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     """Write a randomly initialised model of a preset shape, with tokenizer and generation config."""
     config = preset_config(preset, **overrides)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(DTYPES[dtype])
+    model = CAUSAL_LM_CLASSES[config.model_type](config).to(DTYPES[dtype])
     model.generation_config = chat_generation_config()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -42,16 +42,24 @@ def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     return Path(out)
 
 
+def causal_lm_class(name_or_path: str | os.PathLike) -> type[Qwen2ForCausalLM]:
+    """Our class for a checkpoint's `model_type` (`qwen2` or `qwen2_moe`)."""
+    model_type = PretrainedConfig.get_config_dict(str(name_or_path))[0].get("model_type")
+    if model_type not in CAUSAL_LM_CLASSES:
+        raise ValueError(f"{name_or_path}: model_type {model_type!r} is not one of {', '.join(CAUSAL_LM_CLASSES)}")
+    return CAUSAL_LM_CLASSES[model_type]
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike, dtype: str = "float32", long_context: dict | None = None
 ) -> Qwen2ForCausalLM:
-    """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` checkpoint).
+    """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` or `qwen2_moe` checkpoint).
 
     `long_context` (keyword arguments of `enable_long_context`: chunk_size, local_size,
     yarn_factor) changes the loaded config only, e.g. for evaluation; the checkpoint is untouched.
     """
+    cls = causal_lm_class(name_or_path)
     kwargs = {}
     if long_context:
-        kwargs["config"] = enable_long_context(Qwen2Config.from_pretrained(str(name_or_path)), **long_context)
-    return Qwen2ForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype], **kwargs)
-
+        kwargs["config"] = enable_long_context(cls.config_class.from_pretrained(str(name_or_path)), **long_context)
+    return cls.from_pretrained(str(name_or_path), dtype=DTYPES[dtype], **kwargs)

@@ -107,6 +107,50 @@ def _run_push(a: argparse.Namespace) -> int:
     return 0
 
 
+_MOE_SHAPE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def _add_upcycle(p: argparse.ArgumentParser) -> None:
+    from .model import PRESETS
+
+    moe_presets = sorted(k for k, v in PRESETS.items() if "num_experts" in v)
+    p.add_argument("--dense", required=True, help="dense qwen2 checkpoint directory")
+    p.add_argument("--out", required=True, help="MoE checkpoint directory to write")
+    p.add_argument("--preset", choices=moe_presets, help="take experts, top-k and widths from this MoE preset")
+    p.add_argument("--num-experts", type=int, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, help="experts active per token")
+    p.add_argument("--expert-size", type=int, help="width H_E of each routed expert")
+    p.add_argument("--shared-size", type=int, help="width H_S of the shared expert")
+    p.add_argument("--reinit-fraction", type=float, default=0.5, help="share of each expert's weights re-drawn")
+    p.add_argument("--norm-topk-prob", action="store_true", help="renormalise the top-k routing weights")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_upcycle(a: argparse.Namespace) -> int:
+    from .model import PRESETS
+    from .upcycle import upcycle
+
+    preset = PRESETS[a.preset] if a.preset else {}
+    flags = dict(zip(_MOE_SHAPE, (a.num_experts, a.top_k, a.expert_size, a.shared_size)))
+    shape = {k: preset.get(k) if v is None else v for k, v in flags.items()}
+    names = ("--num-experts", "--top-k", "--expert-size", "--shared-size")
+    missing = [flag for flag, k in zip(names, _MOE_SHAPE) if shape[k] is None]
+    if missing:
+        print(f"qwen2-align upcycle: give --preset or {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        path = upcycle(
+            a.dense, a.out, *shape.values(), reinit_fraction=a.reinit_fraction, seed=a.seed,
+            norm_topk_prob=a.norm_topk_prob or preset.get("norm_topk_prob", False),
+            router_aux_loss_coef=preset.get("router_aux_loss_coef", 0.001),
+        )
+    except ValueError as e:
+        print(f"qwen2-align upcycle: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the MoE upcycled from {a.dense} to {path}")
+    return 0
+
+
 def _run_demo(a: argparse.Namespace) -> int:
     """The tiny pipeline as far as it is built, with the figures that show each stage working."""
     import json
@@ -147,7 +191,8 @@ COMMANDS: dict[str, Command] = {
     "init": ("write a randomly initialised checkpoint of a preset shape, with tokenizer", _add_init, _run_init),
     "chat": ("generate replies from a checkpoint for a few prompts", _add_chat, _run_chat),
     "check": ("validate recipes without running anything", _add_check, _run_check),
-    "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)", None, None),
+    "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)",
+                _add_upcycle, _run_upcycle),
     "plan": ("parameter count and memory per GPU for a recipe", _add_plan, _run_plan),
     "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _run_push),
     "demo": ("the whole pipeline on the tiny default", None, _run_demo),

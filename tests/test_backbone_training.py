@@ -41,6 +41,24 @@ def test_loss_and_gradients_match_stock(pair):
         assert torch.allclose(go[name].grad, gs[name].grad, atol=1e-6, rtol=1e-4), name
 
 
+def test_frozen_lm_head_trains_the_rest(pair):
+    """LoRA-style: the head (tied to the embeddings) frozen, gradients still reach the layers."""
+    ours, stock = pair
+    ids = torch.randint(0, 151_000, (2, 16))
+    for m in pair:
+        m.zero_grad()
+        m.lm_head.weight.requires_grad_(False)
+    try:
+        ours(input_ids=ids, labels=ids).loss.backward()
+        stock(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for m in pair:
+            m.lm_head.weight.requires_grad_(True)
+    assert ours.lm_head.weight.grad is None
+    go, gs = ours.model.layers[1].mlp.down_proj.weight.grad, stock.model.layers[1].mlp.down_proj.weight.grad
+    assert torch.allclose(go, gs, atol=1e-6, rtol=1e-4)
+
+
 def test_num_items_in_batch_scales_like_stock(pair):
     ours, stock = pair
     ids = torch.randint(0, 151_000, (2, 16))

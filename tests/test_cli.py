@@ -42,3 +42,14 @@ def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):
 def test_unknown_preset_is_a_clear_error():
     out = _cli("init", "--preset", "huge", "--out", "x")
     assert out.returncode == 2 and "invalid choice: 'huge'" in out.stderr
+
+
+def test_init_tiny_moe_preset_writes_a_qwen2_moe_checkpoint(tmp_path, capsys):
+    from alignment.checkpoint import load_causal_lm
+    from alignment.model import Qwen2MoeForCausalLM
+
+    assert main(["init", "--preset", "tiny-moe", "--out", str(tmp_path / "moe")]) == 0
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["architectures"] == ["Qwen2MoeForCausalLM"]
+    assert (config["num_experts"], config["num_experts_per_tok"]) == (8, 2)
+    assert isinstance(load_causal_lm(tmp_path / "moe"), Qwen2MoeForCausalLM)

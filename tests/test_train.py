@@ -141,3 +141,19 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(setup):
     assert not any("lora" in k for k in saved) and saved.keys() == start.keys()  # merged into plain weights
     changed = {k for k in saved if not torch.equal(saved[k], start[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_moe_sft_and_dpo_train_with_the_router_aux_loss(setup):
+    """An MoE checkpoint goes through the same stages; TRL's trainers log the load-balancing loss."""
+    root, _, data = setup
+    moe = init_checkpoint("tiny-moe", root / "init-moe", seed=0, num_hidden_layers=2)
+    sft = _recipe(root, "sft", moe, data["demonstrations"], root / "sft-moe", max_steps=6, packing=True)
+    m = run("sft", load_recipe(sft))["metrics"]
+    assert m["last_logged_loss"] < m["first_logged_loss"]
+    history = json.loads((root / "sft-moe" / "metrics.json").read_text())["log_history"]
+    assert all(h["aux_loss"] > 0 for h in history if "loss" in h)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(root / "sft-moe")).__name__ == "Qwen2MoeForCausalLM"
+    dpo = _recipe(root, "dpo", root / "sft-moe", data["preferences"], root / "dpo-moe", max_steps=2, beta=0.1)
+    run("dpo", load_recipe(dpo))
+    history = json.loads((root / "dpo-moe" / "metrics.json").read_text())["log_history"]
+    assert all(h["aux_loss"] > 0 for h in history if "loss" in h)

@@ -1,4 +1,4 @@
-"""A checkpoint written by our backbone runs in vLLM (CPU build) with the same greedy tokens."""
+"""Checkpoints written by our backbone (dense and MoE) run in vLLM (CPU build) with the same greedy tokens."""
 
 import json
 import os
@@ -15,8 +15,9 @@ HELPER = Path(__file__).parent / "helpers" / "vllm_greedy.py"
 
 
 @pytest.mark.slow
-def test_vllm_generates_our_greedy_tokens(tmp_path, tokenizer):
-    model_dir = init_checkpoint("tiny", tmp_path / "ck", seed=3, initializer_range=0.5)
+@pytest.mark.parametrize("preset,init_std", [("tiny", 0.5), ("tiny-moe", 0.1)])
+def test_vllm_generates_our_greedy_tokens(tmp_path, tokenizer, preset, init_std):
+    model_dir = init_checkpoint(preset, tmp_path / "ck", seed=3, initializer_range=init_std)
     prompts = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "今天天气"]
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

@@ -1,6 +1,6 @@
-"""Qwen2 configuration: the standard HF `qwen2` config.json, plus the DCA field vLLM reads.
+"""Qwen2 configurations: the standard HF `qwen2` and `qwen2_moe` config.json, plus the DCA field vLLM reads.
 
-We extend transformers' own config class (it already parses `rope_theta`, `rope_scaling` and
+We extend transformers' own config classes (they already parse `rope_theta`, `rope_scaling` and
 `rope_parameters`) and, on save, also write the legacy `rope_theta` / `rope_scaling` keys:
 readers older than transformers 5 (and some serving stacks) only know those, and without them
 they silently fall back to base 10,000 and no YaRN.
@@ -11,11 +11,24 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import Qwen2Config as _HFQwen2Config
+from transformers import Qwen2MoeConfig as _HFQwen2MoeConfig
 
 
 class Qwen2Config(_HFQwen2Config):
     """`model_type` "qwen2". `dual_chunk_attention_config` = {chunk_size, local_size,
     original_max_position_embeddings} switches on Dual Chunk Attention (as in vLLM)."""
+
+    dual_chunk_attention_config: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return with_legacy_rope_keys(super().to_dict())
+
+
+class Qwen2MoeConfig(_HFQwen2MoeConfig):
+    """`model_type` "qwen2_moe" (Qwen2-57B-A14B): transformers' fields (`num_experts`,
+    `num_experts_per_tok`, `moe_intermediate_size`, `shared_expert_intermediate_size`,
+    `norm_topk_prob`, `router_aux_loss_coef`, `decoder_sparse_step`, `mlp_only_layers`,
+    `output_router_logits`) and, like `Qwen2Config`, `dual_chunk_attention_config`."""
 
     dual_chunk_attention_config: dict | None = None
 

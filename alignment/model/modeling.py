@@ -1,10 +1,14 @@
-"""The Qwen2 decoder: embeddings -> N x (RMSNorm, GQA attention, RMSNorm, SwiGLU) -> RMSNorm -> LM head.
+"""The Qwen2 decoder: embeddings -> N x (RMSNorm, GQA attention, RMSNorm, SwiGLU or MoE) -> RMSNorm -> LM head.
 
 Parameter names match Hugging Face's `qwen2` checkpoints exactly, so `from_pretrained` reads
 Hub weights and `save_pretrained` writes weights that stock transformers and vLLM load.
 What differs from stock is how the work is done: SDPA without a mask whenever the batch has no
 padding, packed samples kept apart by the mask, and the loss computed through the LM head in
 chunks (`loss.py`) so full-vocabulary logits are never materialised when labels are given.
+
+One decoder serves both families: a `qwen2_moe` config puts the MoE block (`moe.py`) in the
+layers that `mlp_only_layers` / `decoder_sparse_step` make sparse, and `Qwen2MoeForCausalLM`
+adds the load-balancing loss, as stock `Qwen2MoeForCausalLM` does.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -20,20 +23,33 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 from transformers.utils import ModelOutput
 
 from .attention import AttentionMask, Qwen2Attention, build_attention_mask
-from .config import Qwen2Config
+from .config import Qwen2Config, Qwen2MoeConfig
 from .dca import DualChunkPositions, DualChunkRotary
 from .loss import causal_lm_loss, token_logprobs
+from .mlp import Qwen2MLP
+from .moe import Qwen2SparseMoeBlock, is_moe_layer
 from .rope import RotaryEmbedding
 
 
 @dataclass
 class Qwen2CausalLMOutput(CausalLMOutputWithPast):
     """With labels: also how many labelled tokens were predicted exactly (token accuracy)."""
+
+    num_correct: torch.Tensor | None = None
+    num_labels: int | None = None
+
+
+@dataclass
+class Qwen2MoeCausalLMOutput(MoeCausalLMOutputWithPast):
+    """Stock's MoE output (router logits, aux loss) plus the token accuracy of `Qwen2CausalLMOutput`."""
 
     num_correct: torch.Tensor | None = None
     num_labels: int | None = None
@@ -69,24 +85,15 @@ class Qwen2RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class Qwen2MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Qwen2DecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: Qwen2Config, layer_idx: int):
+    def __init__(self, config: Qwen2Config | Qwen2MoeConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Qwen2Attention(config, layer_idx)
-        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size)
+        self.sparse = is_moe_layer(config, layer_idx)
+        if self.sparse:
+            self.mlp = Qwen2SparseMoeBlock(config)
+        else:
+            self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -96,9 +103,13 @@ class Qwen2DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | DualChunkPositions,
         mask: AttentionMask | None,
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new hidden states and, for an MoE layer, its router logits [b * n, num_experts]."""
         h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask, past_key_values)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if not self.sparse:
+            return h + self.mlp(self.post_attention_layernorm(h)), None
+        out, router_logits = self.mlp(self.post_attention_layernorm(h))
+        return h + out, router_logits
 
 
 class Qwen2PreTrainedModel(PreTrainedModel):
@@ -117,7 +128,7 @@ class Qwen2PreTrainedModel(PreTrainedModel):
 
 
 class Qwen2Model(Qwen2PreTrainedModel):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config | Qwen2MoeConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -139,8 +150,10 @@ class Qwen2Model(Qwen2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,  # [b, n, hidden]
         use_cache: bool | None = None,
         output_hidden_states: bool = False,
+        output_router_logits: bool = False,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | MoeModelOutputWithPast:
+        """MoE configs get a `MoeModelOutputWithPast`, with the router logits of the MoE layers when asked."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -160,26 +173,32 @@ class Qwen2Model(Qwen2PreTrainedModel):
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
+        all_router_logits = []
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, router_logits = layer(
                 hidden_states, position_embeddings=position_embeddings, mask=mask, past_key_values=past_key_values
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
+            if output_router_logits and router_logits is not None:
+                all_router_logits.append(router_logits)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden[-1] = hidden_states
-        return BaseModelOutputWithPast(
+        out = dict(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+        if self.config.model_type != "qwen2_moe":
+            return BaseModelOutputWithPast(**out)
+        return MoeModelOutputWithPast(**out, router_logits=tuple(all_router_logits) if output_router_logits else None)
 
 
 class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config | Qwen2MoeConfig):
         super().__init__(config)
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -215,6 +234,17 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
+        return self._head(out, labels, shift_labels, num_items_in_batch, logits_to_keep, fused_lm_head)
+
+    def _head(
+        self,
+        out: BaseModelOutputWithPast,
+        labels: torch.LongTensor | None,
+        shift_labels: torch.LongTensor | None,
+        num_items_in_batch: int | torch.Tensor | None,
+        logits_to_keep: int | torch.Tensor,
+        fused_lm_head: bool,
+    ) -> Qwen2CausalLMOutput | FusedLMHeadOutput:
         hidden = out.last_hidden_state  # [b, n, hidden]
         if fused_lm_head:
             if shift_labels is None:
@@ -277,3 +307,63 @@ class Qwen2ForSequenceClassification(Qwen2PreTrainedModel):
             last = (positions * (input_ids != pad)).argmax(-1)  # [b]
         logits = self.score(hidden[torch.arange(b, device=hidden.device), last])  # [b, num_labels]
         return SequenceClassifierOutputWithPast(logits=logits)
+
+
+class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
+    """Qwen2 MoE (`qwen2_moe` checkpoints, e.g. Qwen2-57B-A14B): the same decoder with MoE layers.
+
+    As in stock transformers, `output_router_logits` (argument, else the config's) returns the
+    router logits and `aux_loss`, the Switch load-balancing loss over the MoE layers (padding
+    excluded by `attention_mask`); the loss, with labels or with `fused_lm_head`, is the LM loss +
+    router_aux_loss_coef * aux_loss. TRL's trainers switch `output_router_logits` on for MoE models.
+    """
+
+    config_class = Qwen2MoeConfig
+    config: Qwen2MoeConfig
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool = False,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        fused_lm_head: bool = False,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> Qwen2MoeCausalLMOutput | FusedLMHeadOutput:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+        )
+        result = self._head(out, labels, shift_labels, num_items_in_batch, logits_to_keep, fused_lm_head)
+        aux_loss = None
+        if output_router_logits and out.router_logits:
+            n = out.last_hidden_state.shape[1]
+            # The mask's last n columns are this call's tokens (earlier ones are in the KV cache).
+            token_mask = attention_mask[:, -n:] if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = load_balancing_loss_func(
+                out.router_logits, self.config.num_experts, self.config.num_experts_per_tok, token_mask
+            )
+            if result.loss is not None:
+                result.loss = result.loss + self.config.router_aux_loss_coef * aux_loss
+        if fused_lm_head:
+            result.aux_loss = aux_loss
+            return result
+        return Qwen2MoeCausalLMOutput(**result, aux_loss=aux_loss, router_logits=out.router_logits)
+
+CAUSAL_LM_CLASSES: dict[str, type[Qwen2ForCausalLM]] = {"qwen2": Qwen2ForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM}

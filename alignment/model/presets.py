@@ -1,5 +1,7 @@
 """Model shapes: the released Qwen2 sizes (from their config.json) and tiny ones for tests and the demo.
 
+Presets with `num_experts` are `qwen2_moe` shapes and give a `Qwen2MoeConfig`.
+
 Every preset keeps a real vocabulary size (151,936 or 152,064 rows) so the tokenizer, the
 chunked loss and the memory plan are exercised as they are on real checkpoints.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Qwen2Config
+from .config import Qwen2Config, Qwen2MoeConfig
 
 _COMMON: dict[str, Any] = dict(
     rope_theta=1_000_000.0,
@@ -30,6 +32,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                      intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
     "qwen2-72b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                       intermediate_size=29568, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    # Upcycled from qwen2-7b: 64 routed experts of width 2560, 8 active, one shared expert of width 8 x 2560.
+    "qwen2-57b-a14b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           intermediate_size=18944, vocab_size=151936, tie_word_embeddings=False,
+                           num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                           shared_expert_intermediate_size=20480, norm_topk_prob=False, router_aux_loss_coef=0.001,
+                           decoder_sparse_step=1, mlp_only_layers=[]),
     # Tiny shapes: 4 layers, 128 wide, the full vocabulary. GQA ratios 2 and 4.
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=384, vocab_size=151936, tie_word_embeddings=True),
@@ -37,11 +45,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                         intermediate_size=384, vocab_size=151936, tie_word_embeddings=False),
     "tiny-wide": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                       intermediate_size=768, vocab_size=151936, tie_word_embeddings=True),
+    # `tiny` with MoE layers, the shape `make upcycle` builds from `tiny`: 8 experts of width 96
+    # (a quarter of tiny's FFN), 2 active, a shared expert as wide as tiny's FFN.
+    "tiny-moe": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=384, vocab_size=151936, tie_word_embeddings=True,
+                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+                     shared_expert_intermediate_size=384, norm_topk_prob=False, router_aux_loss_coef=0.001,
+                     decoder_sparse_step=1, mlp_only_layers=[]),
 }
 
 
-def preset_config(name: str, **overrides: Any) -> Qwen2Config:
-    """A Qwen2Config for a named shape; `overrides` replace any field (e.g. rope_scaling, initializer_range)."""
+def preset_config(name: str, **overrides: Any) -> Qwen2Config | Qwen2MoeConfig:
+    """The config of a named shape; `overrides` replace any field (e.g. rope_scaling, initializer_range)."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return Qwen2Config(**{**_COMMON, **PRESETS[name], **overrides})
+    fields = {**_COMMON, **PRESETS[name], **overrides}
+    return (Qwen2MoeConfig if "num_experts" in fields else Qwen2Config)(**fields)

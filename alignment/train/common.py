@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_text
-from ..checkpoint import DTYPES
+from ..checkpoint import DTYPES, causal_lm_class
 from ..data import DataError, RowKind, read_rows, to_jsonl
 from ..model import Qwen2ForCausalLM
 from ..stages import RunStart, StageError, begin_run, write_manifest
@@ -86,8 +86,9 @@ def peft_config(recipe: TrainRecipe):
                       task_type="SEQ_CLS" if recipe.stage == "rm" else "CAUSAL_LM")
 
 
-def load_model(path: str, recipe: TrainRecipe, model_class: type = Qwen2ForCausalLM, **kwargs):
-    return model_class.from_pretrained(path, dtype=DTYPES[recipe.dtype], **kwargs)
+def load_model(path: str, recipe: TrainRecipe, model_class: type | None = None, **kwargs):
+    """`model_class` defaults to our causal LM for the checkpoint's model_type (dense or MoE)."""
+    return (model_class or causal_lm_class(path)).from_pretrained(path, dtype=DTYPES[recipe.dtype], **kwargs)
 
 
 def use_native_lm_head(model) -> None:

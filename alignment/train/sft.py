@@ -39,11 +39,20 @@ class Qwen2SFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        loss = outputs.loss
+        aux = outputs.aux_loss if self.aux_loss_enabled else None
+        # An MoE model's loss includes router_aux_loss_coef * aux_loss (TRL wrote TRL's coefficient into
+        # the config); the LM part is scaled below and the aux part added back as TRL does.
+        loss = outputs.loss if aux is None else outputs.loss - self.router_aux_loss_coef * aux
         # As in TRL: `num_items_in_batch` counts every rank's tokens while DDP averages gradients.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        if aux is not None:  # a per-micro-batch mean: averaged over the accumulation steps, as in TRL
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
         device = loss.device
         correct = self.accelerator.gather_for_metrics(outputs.num_correct.detach().reshape(1).to(device)).sum()
         labelled = self.accelerator.gather_for_metrics(torch.tensor([outputs.num_labels or 0], device=device)).sum()
