@@ -1,11 +1,13 @@
 """SFT and DPO training throughput: stock TRL vs ours, same tiny model and data, one process.
 
-    python benchmarks/train_throughput.py [--steps 8] [--batch 8] [--rows 512]
+    python benchmarks/train_throughput.py [--steps 8] [--batch 8] [--rows 512] [--no-packing]
 
 Stock: TRL's SFTTrainer / DPOTrainer on stock transformers' Qwen2 with TRL's default settings
 (bf16 autocast and gradient checkpointing on), and again with bf16=False. Ours: the same TRL
 trainers through our subclasses, on our backbone, with bf16 autocast and no gradient
-checkpointing (what recipes/tiny uses). Tokens/s counts the tokens the trainer saw (TRL's
+checkpointing (what recipes/tiny uses). SFT packs the short arithmetic conversations into
+512-token rows for every variant, as recipes/tiny does (`--no-packing`: one conversation per
+row, ~40 tokens, where per-step costs such as the optimizer dominate). Tokens/s counts the tokens the trainer saw (TRL's
 `num_tokens`) over the steps after the first two; peak memory is the largest resident-set
 growth during the run, sampled every 10 ms. One line per stage ends in the speed-up `N.Nx`.
 """
@@ -69,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--no-packing", action="store_true", help="SFT: one conversation per row")
     a = ap.parse_args()
 
     import datasets
@@ -106,7 +109,7 @@ def main() -> None:
                     if stage == "sft":
                         trainer = (Qwen2SFTTrainer if ours else SFTTrainer)(
                             model=cls.from_pretrained(model_dir), processing_class=tok, train_dataset=sft_data,
-                            args=SFTConfig(output_dir=f"{tmp}/out", **common, **extra))
+                            args=SFTConfig(output_dir=f"{tmp}/out", packing=not a.no_packing, **common, **extra))
                     else:
                         trainer = (Qwen2DPOTrainer if ours else DPOTrainer)(
                             model=cls.from_pretrained(model_dir), ref_model=cls.from_pretrained(model_dir),
