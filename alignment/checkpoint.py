@@ -9,7 +9,14 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig
 
 from .atomic import atomic_dir
-from .model import CAUSAL_LM_CLASSES, Qwen2ForCausalLM, enable_long_context, preset_config
+from .model import (
+    CAUSAL_LM_CLASSES,
+    SEQUENCE_CLASSIFICATION_CLASSES,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+    enable_long_context,
+    preset_config,
+)
 from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, qwen2_tokenizer
 
 # "auto" keeps the dtype the checkpoint was saved in.
@@ -42,12 +49,21 @@ def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     return Path(out)
 
 
-def causal_lm_class(name_or_path: str | os.PathLike) -> type[Qwen2ForCausalLM]:
-    """Our class for a checkpoint's `model_type` (`qwen2` or `qwen2_moe`)."""
+def _model_type(name_or_path: str | os.PathLike) -> str:
     model_type = PretrainedConfig.get_config_dict(str(name_or_path))[0].get("model_type")
     if model_type not in CAUSAL_LM_CLASSES:
         raise ValueError(f"{name_or_path}: model_type {model_type!r} is not one of {', '.join(CAUSAL_LM_CLASSES)}")
-    return CAUSAL_LM_CLASSES[model_type]
+    return model_type
+
+
+def causal_lm_class(name_or_path: str | os.PathLike) -> type[Qwen2ForCausalLM]:
+    """Our causal LM for a checkpoint's `model_type` (`qwen2` or `qwen2_moe`)."""
+    return CAUSAL_LM_CLASSES[_model_type(name_or_path)]
+
+
+def reward_model_class(name_or_path: str | os.PathLike) -> type[Qwen2ForSequenceClassification]:
+    """Our sequence-scoring model (reward model) for a checkpoint's `model_type`."""
+    return SEQUENCE_CLASSIFICATION_CLASSES[_model_type(name_or_path)]
 
 
 def load_causal_lm(

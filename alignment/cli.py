@@ -76,6 +76,7 @@ def _run_check(a: argparse.Namespace) -> int:
 def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="a trainer recipe (sft, rm, dpo, online-dpo)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the model is sharded over")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB, for the verdict")
 
 
 def _run_plan(a: argparse.Namespace) -> int:
@@ -85,7 +86,7 @@ def _run_plan(a: argparse.Namespace) -> int:
     if not hasattr(recipe, "training"):
         print(f"qwen2-align: {a.recipe}: plan needs a trainer recipe (sft, rm, dpo, online-dpo)", file=sys.stderr)
         return 2
-    print(render_plan(recipe, a.gpus, Path(a.recipe).parent))
+    print(render_plan(recipe, a.gpus, Path(a.recipe).parent, a.gpu_memory))
     return 0
 
 

@@ -110,16 +110,19 @@ def memory_plan(config: Any, gpus: int, micro_batch: int, seq_len: int, checkpoi
     return plan
 
 
-def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None) -> str:
+def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memory_gib: float = 80.0) -> str:
     config = model_config(recipe.model, recipe_dir)
     t = recipe.training
     # A DPO or reward-model micro-batch of n pairs runs 2n sequences (chosen and rejected).
     micro_batch = int(t.get("per_device_train_batch_size", 8)) * (1 if recipe.stage == "sft" else 2)
     seq_len = int(t.get("max_length") or 1024)
     checkpointing = bool(t.get("gradient_checkpointing", True))
-    plan = memory_plan(config, gpus, micro_batch, seq_len, checkpointing,
-                       reference_model=recipe.stage in ("dpo", "online-dpo") and recipe.lora is None,
-                       lora=recipe.lora is not None)
+    def plan_for(n: int) -> dict[str, float]:
+        return memory_plan(config, n, micro_batch, seq_len, checkpointing,
+                           reference_model=recipe.stage in ("dpo", "online-dpo") and recipe.lora is None,
+                           lora=recipe.lora is not None)
+
+    plan = plan_for(gpus)
     p = count_parameters(config)
     lines = [
         f"model {recipe.model}: {p.total / 1e9:.3f} B parameters ({p.active_per_token / 1e9:.3f} B active per token), "
@@ -129,5 +132,12 @@ def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None) -> str:
     ]
     width = max(len(k) for k in plan)
     lines += [f"  {k:<{width}}  {v / GiB:8.2f} GiB" for k, v in plan.items()]
-    lines.append(f"  {'total per GPU':<{width}}  {sum(plan.values()) / GiB:8.2f} GiB")
+    total = sum(plan.values()) / GiB
+    lines.append(f"  {'total per GPU':<{width}}  {total:8.2f} GiB")
+    if total <= gpu_memory_gib:
+        lines.append(f"fits in {gpu_memory_gib:g} GiB per GPU ({gpu_memory_gib - total:.1f} GiB to spare)")
+    else:  # the sharded states shrink with more GPUs; activations do not
+        enough = next((n for n in (2 ** i for i in range(11)) if sum(plan_for(n).values()) / GiB <= gpu_memory_gib), None)
+        hint = f"at least {enough} GPUs at this micro-batch" if enough else "a smaller micro-batch or max_length"
+        lines.append(f"does not fit in {gpu_memory_gib:g} GiB per GPU: needs {hint}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment.model import Qwen2ForSequenceClassification
+from alignment.checkpoint import reward_model_class
 from alignment.tokenizer import load_tokenizer
 
 
@@ -15,7 +15,7 @@ class RewardModel:
     """`RewardModel(path)(conversations)` -> rewards; a conversation ends with the assistant's reply."""
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 16):
-        self.model = Qwen2ForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
+        self.model = reward_model_class(path).from_pretrained(path, dtype=dtype).eval()
         self.tokenizer = load_tokenizer(path)
         self.batch_size = batch_size
 

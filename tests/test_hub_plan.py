@@ -92,3 +92,12 @@ def test_plan_command_traces_run_dirs_to_the_base_model():
     assert out.returncode == 0, out.stderr
     assert "model runs/qwen2-7b/sft: 7.616 B parameters" in out.stdout
     assert "reference model (bf16, sharded)" in out.stdout and "total per GPU" in out.stdout
+
+
+def test_plan_says_whether_it_fits_and_how_many_gpus_would():
+    moe = _cli("plan", "--recipe", str(RECIPES / "qwen2-57b-a14b" / "sft.yaml"), "--gpus", "8")
+    assert moe.returncode == 0, moe.stderr
+    assert "57.409 B parameters (14.249 B active per token)" in moe.stdout
+    assert "does not fit in 80 GiB per GPU: needs at least 16 GPUs" in moe.stdout
+    dense = _cli("plan", "--recipe", str(RECIPES / "qwen2-7b" / "sft.yaml"), "--gpus", "8", "--gpu-memory", "80")
+    assert "fits in 80 GiB per GPU" in dense.stdout

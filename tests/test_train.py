@@ -157,3 +157,19 @@ def test_moe_sft_and_dpo_train_with_the_router_aux_loss(setup):
     run("dpo", load_recipe(dpo))
     history = json.loads((root / "dpo-moe" / "metrics.json").read_text())["log_history"]
     assert all(h["aux_loss"] > 0 for h in history if "loss" in h)
+
+
+def test_moe_reward_model_trains_and_loads_in_stock_transformers(setup):
+    root, _, data = setup
+    moe = init_checkpoint("tiny-moe", root / "init-moe-rm", seed=0, num_hidden_layers=2)
+    run("rm", load_recipe(_recipe(root, "rm", moe, data["preferences"], root / "rm-moe", max_steps=2)))
+    stock = transformers.AutoModelForSequenceClassification.from_pretrained(root / "rm-moe")
+    assert type(stock).__name__ == "Qwen2MoeForSequenceClassification"
+    from reward.model import RewardModel
+
+    scorer = RewardModel(str(root / "rm-moe"))
+    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
+    enc = scorer.tokenizer(scorer.tokenizer.apply_chat_template(conv, tokenize=False), return_tensors="pt",
+                           add_special_tokens=False)
+    with torch.no_grad():
+        assert abs(stock(**enc).logits.item() - scorer([conv])[0]) < 1e-4

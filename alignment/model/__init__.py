@@ -8,7 +8,9 @@ from .modeling import (
     Qwen2ForSequenceClassification,
     Qwen2Model,
     Qwen2MoeForCausalLM,
+    Qwen2MoeForSequenceClassification,
     Qwen2PreTrainedModel,
+    SEQUENCE_CLASSIFICATION_CLASSES,
 )
 from .presets import PRESETS, preset_config
 
@@ -21,7 +23,9 @@ __all__ = [
     "Qwen2Model",
     "Qwen2MoeConfig",
     "Qwen2MoeForCausalLM",
+    "Qwen2MoeForSequenceClassification",
     "Qwen2PreTrainedModel",
+    "SEQUENCE_CLASSIFICATION_CLASSES",
     "enable_long_context",
     "preset_config",
 ]

@@ -366,4 +366,15 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             return result
         return Qwen2MoeCausalLMOutput(**result, aux_loss=aux_loss, router_logits=out.router_logits)
 
+class Qwen2MoeForSequenceClassification(Qwen2ForSequenceClassification):
+    """The reward model on an MoE backbone: stock `Qwen2MoeForSequenceClassification`'s layout.
+    No load-balancing loss: TRL's RewardTrainer asks for none."""
+
+    config_class = Qwen2MoeConfig
+    config: Qwen2MoeConfig
+
+
 CAUSAL_LM_CLASSES: dict[str, type[Qwen2ForCausalLM]] = {"qwen2": Qwen2ForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM}
+SEQUENCE_CLASSIFICATION_CLASSES: dict[str, type[Qwen2ForSequenceClassification]] = {
+    "qwen2": Qwen2ForSequenceClassification, "qwen2_moe": Qwen2MoeForSequenceClassification,
+}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from trl import RewardConfig, RewardTrainer
 
-from ..model import Qwen2ForSequenceClassification
+from ..checkpoint import reward_model_class
 from ..tokenizer import load_tokenizer
 from .common import (
     finish_training,
@@ -35,7 +35,7 @@ def run_rm(recipe: RewardRecipe, scorer: Callable[[str], object]) -> dict:
     started = time.perf_counter()
     train, evaluation, counts = load_split(recipe, "preference", start.run_dir)
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, recipe, Qwen2ForSequenceClassification, num_labels=1,
+    model = load_model(recipe.model, recipe, reward_model_class(recipe.model), num_labels=1,
                        pad_token_id=tokenizer.pad_token_id)
     trainer = RewardTrainer(
         model=model,
