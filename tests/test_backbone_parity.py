@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from alignment.model import Qwen2Config, Qwen2ForCausalLM, preset_config
+from helpers.batches import padded_batch
 
 ORIGINAL_LEN = 32  # YaRN runs at 4x this
 
@@ -19,16 +20,6 @@ def _config(preset: str, yarn: bool) -> Qwen2Config:
             "max_position_embeddings": 4 * ORIGINAL_LEN,
         }
     return preset_config(preset, **extra)
-
-
-def _padded_batch(seq_len: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 151_000, (3, seq_len), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, : seq_len // 3] = 0  # left padding
-    mask[2, :5] = 0
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, position_ids
 
 
 CASES = [(p, y) for p in ("tiny", "tiny-untied") for y in (False, True)]
@@ -53,7 +44,7 @@ def test_parity(tmp_path, preset, yarn, direction):
     src.eval(), dst.eval()
 
     seq_len = 4 * ORIGINAL_LEN if yarn else 24
-    ids, mask, pos = _padded_batch(seq_len)
+    ids, mask, pos = padded_batch(seq_len)
     with torch.no_grad():
         a = src(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         b = dst(input_ids=ids, attention_mask=mask, position_ids=pos).logits

@@ -11,6 +11,7 @@ from alignment.checkpoint import load_causal_lm
 from alignment.model import Qwen2MoeConfig, Qwen2MoeForCausalLM, preset_config
 from alignment.model.mlp import Qwen2MLP
 from alignment.model.moe import grouped_experts, is_moe_layer, route
+from helpers.batches import padded_batch
 
 # Three routing set-ups: renormalised top-k, raw top-k probabilities (Qwen2-57B-A14B), and a mix
 # of dense and sparse layers (MoE only at layers 1 and 5: step 2, with layer 3 forced dense).
@@ -29,16 +30,6 @@ def _config(case: str, **extra) -> Qwen2MoeConfig:
 
 def _stock(config: Qwen2MoeConfig) -> transformers.Qwen2MoeForCausalLM:
     return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig.from_dict(config.to_dict()))
-
-
-def _padded_batch(seq_len: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 151_000, (3, seq_len), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, : seq_len // 3] = 0  # left padding
-    mask[2, :5] = 0
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, position_ids
 
 
 def _reference_experts(x, weights, experts, modules):
@@ -99,7 +90,7 @@ def test_parity_with_stock(tmp_path, case, direction):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     src.eval(), dst.eval()
 
-    ids, mask, pos = _padded_batch(24)
+    ids, mask, pos = padded_batch(24)
     with torch.no_grad():
         a = src(input_ids=ids, attention_mask=mask, position_ids=pos, output_router_logits=True)
         b = dst(input_ids=ids, attention_mask=mask, position_ids=pos, output_router_logits=True)
@@ -180,7 +171,7 @@ def test_fused_lm_head_call_matches_trls_fused_head_on_stock():
     stock = _stock(config)
     stock.load_state_dict(_stock_state_dict(ours, stock))
     add_fused_lm_head(stock)
-    ids, mask, _ = _padded_batch(24)
+    ids, mask, _ = padded_batch(24)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, 1:][mask[:, :-1] == 0] = -100  # nor first tokens predicted from padding (hidden states there differ)
     a = ours(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)

@@ -89,9 +89,8 @@ def _fold_chunk(z: torch.Tensor, targets: torch.Tensor, grad: bool = False, stat
 
 
 def _backprop_chunk(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grad_h, grad_w, rows: slice, scale: float):
-    """Chain d/dlogits = scale * g [r, V] through logits = h w^T into grad_h[rows] and grad_w (float32)."""
-    if g.dtype != h.dtype:  # bf16: the low-precision workspace is free again by now
-        g = _buffer(0, g.shape[0], g.shape[1], h.dtype, h.device).copy_(g)
+    """Chain d/dlogits = scale * g [r, V] through logits = h w^T into grad_h[rows] and grad_w (float32).
+    g is in h's dtype: `_fold_chunk` writes the gradient over the logits."""
     if grad_h is not None:
         torch.mm(g, w, out=grad_h[rows]).mul_(scale)
     if grad_w is not None:
@@ -115,8 +114,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        need = need_h or need_w
         for rows in _chunks(hidden.shape[0]):
-            need = need_h or need_w
             z = _logits(h_all[rows], w)  # [r, V]
             target, lse, m, _, _ = _fold_chunk(z, targets[rows], grad=need)
             loss += (lse - target).sum()
