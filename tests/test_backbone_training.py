@@ -163,6 +163,8 @@ def test_token_stats_match_full_softmax():
     entropy = -(logp.exp() * logp).sum(-1)
     assert torch.allclose(stats.entropy[keep], entropy[keep], atol=1e-3)  # lse - E[z]: fp32 cancellation
     assert torch.allclose(stats.mean_logits[keep], logits.mean(-1)[keep], atol=1e-5)
+    log_sum_sq = torch.logsumexp(2 * logp, -1)  # WPO's log sum_v p_v^2
+    assert torch.allclose(stats.log_sum_sq_probs[keep], log_sum_sq[keep], atol=1e-4)
     assert torch.equal(stats.is_top1[keep], (logits.argmax(-1) == y)[keep]) and stats.is_top1[6]
     assert stats.log_probs[5] == 0 and stats.entropy[5] == 0
 
@@ -172,15 +174,15 @@ def test_fused_lm_head_protocol_matches_trl_kernel(pair):
     from trl.trainer.utils import add_fused_lm_head
 
     ours, stock = pair
-    add_fused_lm_head(stock, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(stock, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
     ids = torch.randint(0, 151_000, (2, 20))
     labels = _labels(ids)
     with torch.no_grad():
         a = ours(input_ids=ids, labels=labels, fused_lm_head=True)
         b = stock(input_ids=ids, labels=labels, fused_lm_head=True)
     assert a.log_probs.shape == b.log_probs.shape == (2, 19)
-    for name in ("log_probs", "entropy", "mean_logits"):
-        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4), name
+    for name in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        assert torch.allclose(getattr(a, name) * a.label_mask, getattr(b, name) * b.label_mask, atol=1e-4), name
     assert torch.equal(a.is_top1, b.is_top1) and torch.equal(a.label_mask, b.label_mask)
     assert abs(a.loss.item() - b.loss.item()) < 1e-5
     del stock.forward  # back to the class's forward for the other tests

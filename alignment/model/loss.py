@@ -13,8 +13,9 @@ logits to float32 on the way), sum, and the gradient written over the logits; th
   token, so backward recomputes each chunk's logits (4 matmuls per chunk). It can also return
   per-token statistics for logging (entropy, mean logit, whether the label is the argmax).
 
-Under autocast the matmuls run in the autocast dtype (bf16), the softmax in float32, and the
-weight gradient is accumulated in float32.
+Under autocast the matmuls run in the autocast dtype (bf16); the softmax and every gradient term
+are formed in float32 and cast once for the backward matmuls, and the weight gradient is
+accumulated in float32: the same roundings as stock `cross_entropy` under autocast.
 """
 
 from __future__ import annotations
@@ -54,17 +55,21 @@ def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(h, w.T, out=_buffer(0, h.shape[0], w.shape[0], h.dtype, h.device))
 
 
-def _fold_chunk(z: torch.Tensor, targets: torch.Tensor, grad: bool = False, stats: bool = False) -> torch.Tensor:
-    """Per row of logits z [r, V]: target logit, logsumexp, max and, with `stats`, entropy and
-    mean logit (float32 [5, r], in that order). With `grad`, z is overwritten with
-    softmax(z) - onehot(targets), the gradient of the row losses.
+def _fold_chunk(z: torch.Tensor, targets: torch.Tensor, grad: bool = False, stats: bool = False,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of logits z [r, V]: target logit, logsumexp, max and, with `stats`, entropy, mean
+    logit and log sum_v p_v^2 (WPO's weights) (float32 [6, r], in that order). With `grad`, z is overwritten with
+    row_scale * (softmax(z) - onehot(targets)), the gradient of the row losses (row_scale [r]
+    float32, default 1).
 
     The elementwise passes (max, shift-and-exp in float32, sum, scale) run over `CACHE_ROWS`
     rows at a time, so a row block stays in cache between passes instead of streaming a
     [r, V] float32 tensor through memory four times: memory traffic, not the matmuls, is what
-    bounds the head on CPU."""
-    out = torch.zeros(5, z.shape[0], dtype=torch.float32, device=z.device)
-    target, lse, m, entropy, mean = out
+    bounds the head on CPU. The gradient is formed in float32 and cast once: in bf16, p near 1
+    rounds to 1 and the target's term p - 1 would vanish (confident tokens, i.e. most of SFT
+    on a pretrained model)."""
+    out = torch.zeros(6, z.shape[0], dtype=torch.float32, device=z.device)
+    target, lse, m, entropy, mean, log_sum_sq = out
     for i in range(0, z.shape[0], CACHE_ROWS):
         rows = slice(i, i + CACHE_ROWS)
         zs = z[rows]
@@ -81,10 +86,14 @@ def _fold_chunk(z: torch.Tensor, targets: torch.Tensor, grad: bool = False, stat
         lse[rows] = m[rows] + s.log()
         if stats:  # entropy = lse - sum_v p_v z_v, the dot products taken row by row without a temporary
             entropy[rows] = lse[rows] - torch.bmm(e[:, None, :], zf[:, :, None]).view(-1) / s
+            log_sum_sq[rows] = torch.bmm(e[:, None, :], e[:, :, None]).view(-1).log() - 2 * s.log()
         if grad:
-            torch.mul(e, (1.0 / s)[:, None], out=zs)
+            weight = torch.ones_like(s) if row_scale is None else row_scale[rows]
+            e.mul_((weight / s)[:, None])
             # minus the one-hot, by indexing (scatter_add_ converts a whole bf16 tensor to float and back)
-            zs[torch.arange(k, device=z.device), targets[rows]] -= 1
+            e[torch.arange(k, device=z.device), targets[rows]] -= weight
+            if e.data_ptr() != zs.data_ptr():
+                zs.copy_(e)
     return out
 
 
@@ -117,7 +126,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need = need_h or need_w
         for rows in _chunks(hidden.shape[0]):
             z = _logits(h_all[rows], w)  # [r, V]
-            target, lse, m, _, _ = _fold_chunk(z, targets[rows], grad=need)
+            target, lse, m, *_ = _fold_chunk(z, targets[rows], grad=need)
             loss += (lse - target).sum()
             correct += (target >= m).sum()
             if need:
@@ -137,25 +146,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(h_i W^T)[t_i] per row (+ logging statistics); backward recomputes each chunk."""
+    """log softmax(h_i W^T)[t_i] per row (+ statistics for logging and WPO); backward recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, with_stats: bool):
-        # hidden: [N, H], weight: [V, H], targets: [N] -> logprobs [N] float32 (+ entropy, mean logit, is_top1)
+        # hidden: [N, H], weight: [V, H], targets: [N] -> logprobs [N] float32
+        # (+ entropy, mean logit, log sum p^2, is_top1)
         dtype = _compute_dtype(hidden)
         h_all, w = hidden.to(dtype), weight.to(dtype)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy, mean, top1 = (torch.empty_like(out), torch.empty_like(out), torch.empty_like(out, dtype=torch.bool))
+        entropy, mean, log_sum_sq = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+        top1 = torch.empty_like(out, dtype=torch.bool)
         for rows in _chunks(n):
-            target, lse, m, entropy[rows], mean[rows] = _fold_chunk(_logits(h_all[rows], w), targets[rows],
-                                                                    stats=with_stats)
+            target, lse, m, entropy[rows], mean[rows], log_sum_sq[rows] = _fold_chunk(
+                _logits(h_all[rows], w), targets[rows], stats=with_stats)
             top1[rows] = target >= m
             out[rows] = target - lse
         ctx.save_for_backward(hidden, weight, targets)
         ctx.dtype = dtype
-        ctx.mark_non_differentiable(entropy, mean, top1)
-        return out, entropy, mean, top1
+        ctx.mark_non_differentiable(entropy, mean, log_sum_sq, top1)
+        return out, entropy, mean, log_sum_sq, top1
 
     @staticmethod
     def backward(ctx, grad_out, *_):
@@ -166,8 +177,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for rows in _chunks(hidden.shape[0]):
             z = _logits(h_all[rows], w)
-            _fold_chunk(z, targets[rows], grad=True)  # z := softmax - onehot
-            z.mul_(-grad_out[rows, None].to(z.dtype))  # go * (onehot - softmax)
+            _fold_chunk(z, targets[rows], grad=True, row_scale=-grad_out[rows].float())  # z := go * (onehot - softmax)
             _backprop_chunk(z, h_all[rows], w, grad_h, grad_w, rows, 1.0)
         return (grad_h.to(hidden.dtype) if need_h else None), (grad_w.to(weight.dtype) if need_w else None), None, None
 
@@ -186,6 +196,7 @@ class TokenStats:
     log_probs: torch.Tensor  # differentiable
     entropy: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
 
 
@@ -196,7 +207,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     labels: [...]. Returns float32 [...], or `TokenStats` when `with_stats`.
     """
     flat_h, flat_y, keep = _labelled(hidden, labels)
-    full = [torch.zeros(flat_y.shape, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    full = [torch.zeros(flat_y.shape, dtype=torch.float32, device=hidden.device) for _ in range(4)]
     full.append(torch.zeros(flat_y.shape, dtype=torch.bool, device=hidden.device))
     if keep.numel():
         parts = _ChunkedTokenLogprobs.apply(flat_h[keep], weight, flat_y[keep], with_stats)

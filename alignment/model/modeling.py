@@ -254,7 +254,8 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
             denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
             return FusedLMHeadOutput(
                 loss=-stats.log_probs.sum() / denom, log_probs=stats.log_probs, entropy=stats.entropy,
-                mean_logits=stats.mean_logits, is_top1=stats.is_top1, label_mask=mask,
+                mean_logits=stats.mean_logits, log_sum_sq_probs=stats.log_sum_sq_probs, is_top1=stats.is_top1,
+                label_mask=mask,
             )
         loss = logits = correct = n_labels = None
         if labels is not None or shift_labels is not None:
