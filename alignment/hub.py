@@ -52,7 +52,8 @@ def model_card(run_dir: Path, repo: str, license: str) -> str:
     if not chain:
         raise HubError(f"{run_dir}: no manifest.json; push a finished run directory")
     base = chain[-1].get("recipe", {}).get("model", "unknown")
-    hub_datasets = sorted({i["source"] for m in chain for i in m.get("inputs", {}).values() if i.get("hub")})
+    hub_datasets = sorted({source["source"] for m in chain for i in m.get("inputs", {}).values()
+                           for source in i.get("mixture", [i]) if source.get("hub")})
     meta = {"license": license, "library_name": "transformers", "pipeline_tag": "text-generation",
             "tags": ["qwen2", "qwen2-align", "trl"] + [m["stage"] for m in chain]}
     if not Path(str(base)).exists():

@@ -33,6 +33,12 @@ class RecipeError(ValueError):
 
 
 def _type_name(tp: Any) -> str:
+    """A type as a recipe author writes it: `str | DataSource`, `list[str]` (no module paths)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if isinstance(origin, type) and args:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -45,6 +51,13 @@ def _fail(where: str, key: str, message: str) -> RecipeError:
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _takes_shape_of(tp: Any, value: Any) -> bool:
+    """Whether `tp` takes values of `value`'s container shape: a mapping for a dataclass, a list for a list type."""
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp)
+    return isinstance(value, list) and typing.get_origin(tp) in (list, tuple, set)
 
 
 def _check(value: Any, tp: Any, where: str, key: str) -> Any:
@@ -62,10 +75,11 @@ def _check(value: Any, tp: Any, where: str, key: str) -> Any:
                 return _check(value, arg, where, key)
             except RecipeError as e:
                 errors[arg] = e
-        # A mapping meant for a dataclass: its own error (e.g. an unknown nested key) says more.
-        nested = [a for a in errors if dataclasses.is_dataclass(a)]
-        if isinstance(value, dict) and len(nested) == 1:
-            raise errors[nested[0]]
+        # A mapping meant for a dataclass, or a list meant for the one list type: that member's
+        # own error (e.g. an unknown nested key) says more.
+        shaped = [a for a in errors if _takes_shape_of(a, value)]
+        if len(shaped) == 1:
+            raise errors[shaped[0]]
         raise _fail(where, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is typing.Literal:
         if value in typing.get_args(tp):
@@ -129,7 +143,11 @@ def build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:
-        raise _fail(where, prefix.rstrip("."), str(e).splitlines()[0]) from None
+        message = str(e).splitlines()[0]
+        name, sep, reason = message.partition(": ")
+        if sep and name in values:  # a check in __post_init__ that names its field
+            raise _fail(where, f"{prefix}{name}", reason) from None
+        raise _fail(where, prefix.rstrip("."), message) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
