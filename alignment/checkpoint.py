@@ -72,7 +72,8 @@ def load_causal_lm(
     """Our backbone from a local checkpoint or a Hub id (any standard `qwen2` or `qwen2_moe` checkpoint).
 
     `long_context` (keyword arguments of `enable_long_context`: chunk_size, local_size,
-    yarn_factor) changes the loaded config only, e.g. for evaluation; the checkpoint is untouched.
+    yarn_factor, trained_length) changes the loaded config only, e.g. for evaluation; the
+    checkpoint is untouched.
     """
     cls = causal_lm_class(name_or_path)
     kwargs = {}

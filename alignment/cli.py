@@ -45,14 +45,23 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dca-chunk-size", type=int, help="Dual Chunk Attention chunk size C, at most the trained length")
     g.add_argument("--dca-local-size", type=int, help="DCA local window w (blocks are C - w tokens)")
     g.add_argument("--yarn-factor", type=float, help="YaRN factor s over the trained length (static YaRN without DCA)")
+    g.add_argument("--trained-length", type=int,
+                   help="the length the model was trained at, for YaRN and DCA, when config.json does not record it "
+                        "(Qwen2-7B base: 32768, though its max_position_embeddings is 131072)")
 
 
 def _run_chat(a: argparse.Namespace) -> int:
     from .generation import GenerationSpec, make_generator
 
     spec = GenerationSpec(backend=a.backend, model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          dca_chunk_size=a.dca_chunk_size, dca_local_size=a.dca_local_size, yarn_factor=a.yarn_factor)
-    with make_generator(spec) as gen:
+                          dca_chunk_size=a.dca_chunk_size, dca_local_size=a.dca_local_size, yarn_factor=a.yarn_factor,
+                          trained_length=a.trained_length)
+    try:
+        gen = make_generator(spec)
+    except ValueError as e:  # e.g. YaRN / DCA asked for on a checkpoint that does not record its trained length
+        print(f"qwen2-align chat: {e}", file=sys.stderr)
+        return 2
+    with gen:
         replies = gen.generate([[{"role": "user", "content": p}] for p in a.prompt], spec.sampling(seed=0))
     for prompt, reply in zip(a.prompt, replies):
         print(f"user: {prompt}\nassistant: {reply[0].text!r}\n")

@@ -8,13 +8,17 @@ build the Qwen2 tokenizer from `vocab.json` + `merges.txt` and add the three con
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
+import re
 from functools import lru_cache
 from pathlib import Path
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +86,106 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
     return tok
 
 
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers applies
+_OUTPUT = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.DOTALL)  # a {{ ... }} expression and its whitespace control
+_STRING = r"""'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*\""""  # a quoted Jinja string literal
+_TERM = re.compile(rf"""{_STRING}|[()\[\]]|\+|[^'"()\[\]+]+""")
+_CONTENT = re.compile(r"""(\w+)(?:\[\s*['"]content['"]\s*\]|\.content)(\s*\|\s*\w+)*""")
+# Conversations a rewritten template must render exactly as the original, with its assistant turns marked.
+_PROBES = [
+    [{"role": "system", "content": "S0"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}],
+    [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"}],
+]
+
+
+def _plus_terms(expression: str) -> list[str] | None:
+    """The operands of a top-level `a + b + ...` Jinja expression, or None when it does not tokenise."""
+    tokens = _TERM.findall(expression)
+    if "".join(tokens) != expression:  # e.g. an unterminated string
+        return None
+    terms, current, depth = [], "", 0
+    for token in tokens:
+        depth += (token in ("(", "[")) - (token in (")", "]"))
+        if token == "+" and depth == 0:
+            terms.append(current.strip())
+            current = ""
+        else:
+            current += token
+    return [*terms, current.strip()]
+
+
+def _marked_output(match: re.Match) -> str:
+    """One `{{ ... + message['content'] + '<|im_end|>' ... }}` as an if/else on the role, marked for assistants."""
+    left, expression, right = match.groups()
+    terms = _plus_terms(expression) or []
+    for i, term in enumerate(terms[:-1]):
+        content, end = _CONTENT.fullmatch(term), terms[i + 1]
+        if content and re.fullmatch(_STRING, end) and end[1:].startswith(IM_END):
+            quote, rest = end[0], end[1 + len(IM_END) : -1]
+            head = " + ".join(terms[:i])
+            tail = " + ".join(([quote + rest + quote] if rest else []) + terms[i + 2 :])
+            return (
+                f"{{%{left} if {content.group(1)}['role'] == 'assistant' %}}"
+                + (f"{{{{ {head} }}}}" if head else "")
+                + f"{{% generation %}}{{{{ {term} + {quote}{IM_END}{quote} }}}}{{% endgeneration %}}"
+                + (f"{{{{ {tail} }}}}" if tail else "")
+                + f"{{% else %}}{match.group(0)}{{% endif {right}%}}"
+            )
+    return match.group(0)
+
+
+def add_generation_markers(template: str) -> str | None:
+    """`template` with `{% generation %}` around each assistant turn's content and <|im_end|>, or None.
+
+    Every output expression that renders a message's content followed by '<|im_end|>' becomes an
+    if/else on the message's role: the marked form for assistants, the expression as it was for
+    everyone else. The result is kept only if it renders probe conversations byte for byte as
+    `template` does and marks exactly their assistant turns; otherwise None.
+    """
+    marked = _OUTPUT.sub(_marked_output, template)
+    if marked == template:
+        return None
+    try:
+        for conversation, add_generation_prompt in itertools.product(_PROBES, (False, True)):
+            (original,), _ = render_jinja_template(
+                [conversation], chat_template=template, add_generation_prompt=add_generation_prompt)
+            (text,), (spans,) = render_jinja_template(
+                [conversation], chat_template=marked, add_generation_prompt=add_generation_prompt,
+                return_assistant_tokens_mask=True)
+            assistant_turns = [m["content"] + IM_END for m in conversation if m["role"] == "assistant"]
+            if text != original or [text[a:b] for a, b in spans] != assistant_turns:
+                return None
+    except TemplateError:
+        return None
+    return marked
+
+
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """A checkpoint's own tokenizer (local dir or Hub id), or the built-in one when none is given.
 
-    Hub Qwen2 templates carry no `{% generation %}` markers; when a checkpoint's template is
-    ChatML without them, ours (the same rendering, plus markers) replaces it so assistant-only
-    loss works.
+    The checkpoint's chat template is kept: it is how the model was trained to read a
+    conversation. Hub Qwen2 templates carry no `{% generation %}` markers, which TRL's
+    assistant-only loss needs; where they can be added without changing the rendering
+    (`add_generation_markers`) they are, else the template stays as it is, with a warning. A
+    checkpoint without any template gets the built-in ChatML.
     """
     if name_or_path is None:
         return qwen2_tokenizer()
     tok = AutoTokenizer.from_pretrained(name_or_path)
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
-    if template is None or ("{% generation %}" not in template and "generation -%}" not in template):
-        if template is not None and IM_START not in template:
-            raise ValueError(f"{name_or_path}: chat template is not ChatML; Qwen2 checkpoints use ChatML")
-        log.info("%s: using the built-in ChatML template with generation markers", name_or_path)
+    if template is None:
+        log.info("%s: no chat template; using the built-in ChatML template", name_or_path)
         tok.chat_template = CHATML_TEMPLATE
+    elif not GENERATION_MARKER.search(template):
+        marked = add_generation_markers(template)
+        if marked is None:
+            log.warning("%s: cannot add {%% generation %%} markers to its chat template (kept as is); "
+                        "assistant-only loss needs them", name_or_path)
+        else:
+            log.info("%s: added {%% generation %%} markers around assistant turns in its chat template "
+                     "(rendering unchanged)", name_or_path)
+            tok.chat_template = marked
     if tok.pad_token is None:
         tok.pad_token = ENDOFTEXT
     return tok

@@ -54,7 +54,7 @@ _CARRIED_FIELDS = (
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
     "use_cache", "tie_word_embeddings", "rope_parameters", "use_sliding_window", "sliding_window",
     "max_window_layers", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-    "dual_chunk_attention_config",
+    "dual_chunk_attention_config", "original_max_position_embeddings",
 )
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 

@@ -17,11 +17,12 @@ from alignment.model.dca import (
     block_parts,
     dual_chunk_attention,
     enable_long_context,
+    trained_length_of,
     math_attend,
     math_attend_backward,
     query_positions,
 )
-from alignment.model.rope import apply_rotary, rope_frequencies, rotate_half
+from alignment.model.rope import RotaryEmbedding, apply_rotary, rope_frequencies, rotate_half
 
 THETA = 10_000.0
 VOCAB = 4096
@@ -269,6 +270,7 @@ def test_chat_switches_long_context_on_for_generation_only(tmp_path, capsys):
 
     ck = init_checkpoint("tiny", tmp_path / "ck", initializer_range=0.3)
     before = (ck / "config.json").read_text()
+    assert json.loads(before)["original_max_position_embeddings"] == 32768  # init records the trained length
     # The ChatML prompts are 20-odd tokens, so 8-token blocks put prefill and decoding through every branch.
     flags = ["--dca-chunk-size", "10", "--dca-local-size", "2", "--yarn-factor", "4"]
     assert main(["chat", "--model", str(ck), "--prompt", "Hi", "--prompt", "Name three colours.",
@@ -278,3 +280,72 @@ def test_chat_switches_long_context_on_for_generation_only(tmp_path, capsys):
     model = load_causal_lm(ck, long_context={"chunk_size": 10, "local_size": 2, "yarn_factor": 4})
     assert model.model.rotary_emb.block == 8 and model.config.rope_parameters["factor"] == 4.0
     assert load_causal_lm(ck).config.dual_chunk_attention_config is None
+
+
+# Qwen2-7B base's config.json, shrunk: the extended limit in max_position_embeddings, no rope_scaling.
+HUB_BASE_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+    "rope_theta": 1000000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+}
+
+
+def _query_temperature(config, position: int) -> float:
+    """The factor DCA multiplies the query at `position` by, read off the module's rotated query tables."""
+    rotary = DualChunkRotary(config)
+    cos, sin = rotary(torch.empty(1, 1, config.hidden_size), None, None, past_len=position).queries
+    return (cos[0, 0, 0, 0] ** 2 + sin[0, 0, 0, 0] ** 2).sqrt().item()  # cos^2 + sin^2 = m^2
+
+
+def test_trained_length_is_never_guessed_from_max_position_embeddings(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HUB_BASE_CONFIG))
+    base = Qwen2Config.from_pretrained(tmp_path)
+    for request in ({"yarn_factor": 4}, {"chunk_size": 4096, "local_size": 512}):
+        with pytest.raises(ValueError, match="pass the trained length") as refused:
+            enable_long_context(base, **request)
+        assert "\n" not in str(refused.value)
+    assert enable_long_context(base).rope_parameters == base.rope_parameters  # nothing asked: nothing needed
+
+    config = enable_long_context(base, chunk_size=4096, local_size=512, yarn_factor=4, trained_length=32768)
+    assert trained_length_of(config) == 32768 and config.max_position_embeddings == 131072
+    assert config.rope_parameters["original_max_position_embeddings"] == 32768
+    # The YaRN tables are those of the rope_scaling Qwen2-Instruct documents, as stock transformers computes them.
+    documented = transformers.Qwen2Config.from_dict(
+        {**HUB_BASE_CONFIG, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+    stock = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(documented)
+    ours = RotaryEmbedding(config.rope_parameters, 16, config.max_position_embeddings)
+    assert torch.allclose(ours.inv_freq, stock.inv_freq) and ours.attention_scaling == pytest.approx(stock.attention_scaling)
+    over_extended = RotaryEmbedding({**config.rope_parameters, "original_max_position_embeddings": 131072}, 16, 131072)
+    assert not torch.allclose(ours.inv_freq, over_extended.inv_freq)
+    # DCA's temperature is 1 up to the trained length and YaRN's 0.1 ln(s) + 1 beyond it.
+    assert _query_temperature(config, 32767) == pytest.approx(1.0)
+    assert _query_temperature(config, 65535) == pytest.approx(0.1 * math.log(2) + 1, rel=1e-6)
+
+
+def test_yarn_without_an_original_length_is_refused():
+    params = {"rope_type": "yarn", "rope_theta": THETA, "factor": 4.0}
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        rope_frequencies(params, 16, 131072)
+
+
+def test_chat_refuses_long_context_without_a_trained_length_then_takes_the_flag(tmp_path, capsys):
+    from alignment.checkpoint import init_checkpoint, load_causal_lm
+    from alignment.cli import main
+    from alignment.generation import GenerationSpec
+
+    ck = init_checkpoint("tiny", tmp_path / "hub", num_hidden_layers=1, initializer_range=0.3)
+    hub_style = json.loads((ck / "config.json").read_text())  # as released: no record of the trained length
+    del hub_style["original_max_position_embeddings"]
+    (ck / "config.json").write_text(json.dumps({**hub_style, "max_position_embeddings": 131072}))
+    capsys.readouterr()
+    chat = ["chat", "--model", str(ck), "--prompt", "Hi", "--max-new-tokens", "2", "--yarn-factor", "4"]
+    assert main(chat) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2-align chat: the trained length is unknown") and err.count("\n") == 1, err
+    assert main([*chat, "--trained-length", "32768"]) == 0
+    assert capsys.readouterr().out.count("assistant:") == 1
+    spec = GenerationSpec(model=str(ck), yarn_factor=4, trained_length=32768)
+    model = load_causal_lm(ck, long_context=spec.long_context())
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 32768
+    assert model.config.max_position_embeddings == 131072
+    assert GenerationSpec(model=str(ck), trained_length=32768).long_context() == {}

@@ -1,6 +1,7 @@
 """Hub push (dry run and an unreachable Hub) and the memory plan."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,13 @@ import torch
 import transformers
 
 from alignment.checkpoint import init_checkpoint, load_causal_lm
+from alignment.model.loss import CHUNK_ROWS
 from alignment.pipeline import load_recipe
 from alignment.plan import count_parameters, model_config
 from alignment.recipes import RecipeError
 from alignment.stages import write_manifest
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBeWritten"
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -76,28 +77,84 @@ def test_a_token_in_a_recipe_is_refused(tmp_path):
         load_recipe(path)
 
 
+GIB = 2**30
+# Qwen2-7B by hand: a layer is q 3584x3584 + 3584 bias, k and v 3584x512 + 512 bias each, o 3584x3584,
+# two norms of 3584 and SwiGLU 3 x 3584 x 18944 = 233,057,792; 28 of them, embedding and untied head of
+# 152,064 x 3,584 each, final norm: 7,615,616,512, the released count.
+P_7B, LAYER_7B, VOCAB_7B = 7_615_616_512, 233_057_792, 2 * 152_064 * 3_584
+# Qwen2-57B-A14B by hand: a layer is the same attention and norms (29,371,904), 64 experts of 3 x 3584 x 2560,
+# a shared expert of 3 x 3584 x 20480 + its 3584 gate, a router of 3584 x 64: 2,011,413,504. A token passes
+# 8 of the 64 experts: 470,006,784 per layer. Embedding and untied head of 151,936 x 3,584 each.
+P_57B, LAYER_57B, VOCAB_57B = 57_408_658_944, 2_011_413_504, 2 * 151_936 * 3_584
+ACTIVE_57B = 28 * 470_006_784 + VOCAB_57B + 3_584
+
+
+def _recipe(directory: Path, stage: str, model: str, max_length: int) -> Path:
+    """A trainer recipe with what the plan reads: one sequence (or pair) of max_length, checkpointing on."""
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{stage}.yaml"
+    path.write_text(f"stage: {stage}\nrun_dir: runs/plan/{stage}\nmodel: {model}\ntraining: {{max_length: {max_length}, "
+                    f"per_device_train_batch_size: 1, gradient_checkpointing: true}}\n")
+    return path
+
+
+def _plan_lines(stdout: str) -> dict[str, float]:
+    """The plan's `component   N.NN GiB` lines as {component: GiB}."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"^  (\S.*?)\s+(\d+\.\d+) GiB$", stdout, re.M)}
+
+
 def test_parameter_counts_match_the_models():
     for preset in ("qwen2-0.5b", "qwen2-7b", "qwen2-72b"):
         counts = count_parameters(model_config(f"Qwen/{preset.replace('qwen2', 'Qwen2').replace('b', 'B')}"))
         expected = {"qwen2-0.5b": 494_032_768, "qwen2-7b": 7_615_616_512, "qwen2-72b": 72_706_203_648}[preset]
         assert counts.total == expected, preset
-    tiny = model_config("Qwen/tiny")
-    with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config.from_dict(tiny.to_dict()))
-    assert count_parameters(tiny).total == sum(p.numel() for p in model.parameters())
+    moe = count_parameters(model_config("Qwen/Qwen2-57B-A14B"))
+    assert (moe.total, moe.active_per_token, max(moe.per_layer)) == (P_57B, ACTIVE_57B, LAYER_57B)
+    for config in (model_config("Qwen/tiny"), model_config("Qwen/Qwen2-57B-A14B")):
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config.to_dict()))
+        assert count_parameters(config).total == sum(p.numel() for p in model.parameters()), config.model_type
 
 
-def test_plan_command_traces_run_dirs_to_the_base_model():
-    out = _cli("plan", "--recipe", str(RECIPES / "qwen2-7b" / "dpo.yaml"), "--gpus", "8")
+def test_plan_of_a_dpo_run_is_the_hand_calculation_for_the_base_model_it_traces_to(tmp_path):
+    # runs/plan/sft does not exist: the plan follows sft.yaml's run_dir to Qwen/Qwen2-7B.
+    _recipe(tmp_path, "sft", "Qwen/Qwen2-7B", 32768)
+    out = _cli("plan", "--recipe", str(_recipe(tmp_path, "dpo", "runs/plan/sft", 8192)), "--gpus", "8")
     assert out.returncode == 0, out.stderr
-    assert "model runs/qwen2-7b/sft: 7.616 B parameters" in out.stdout
-    assert "reference model (bf16, sharded)" in out.stdout and "total per GPU" in out.stdout
+    assert f"{P_7B / 1e9:.3f} B parameters" in out.stdout
+    tokens = 2 * 8192  # one pair (chosen + rejected) of max_length 8192
+    expected = {
+        "weights (bf16, sharded)": 2 * P_7B / 8,
+        "gradients (bf16, sharded)": 2 * P_7B / 8,
+        "master weights + Adam (fp32, sharded)": 12 * P_7B / 8,
+        "gathered layers (2 in flight)": 2 * 2 * LAYER_7B + 2 * VOCAB_7B / 8,
+        # checkpointed: every layer's bf16 input, plus one layer's saved tensors (20 h + 8 intermediate bytes)
+        "activations": tokens * 2 * 3584 * 28 + tokens * (20 * 3584 + 8 * 18944),
+        "LM head chunk (logits + softmax)": CHUNK_ROWS * 152_064 * (2 + 4) + tokens * 3584 * 4,
+        "reference model (bf16, sharded)": 2 * P_7B / 8,
+    }
+    expected["total per GPU"] = sum(expected.values())
+    printed = _plan_lines(out.stdout)
+    assert printed.keys() == expected.keys()
+    for component, nbytes in expected.items():
+        assert printed[component] == pytest.approx(nbytes / GIB, abs=0.006), component
 
 
-def test_plan_says_whether_it_fits_and_how_many_gpus_would():
-    moe = _cli("plan", "--recipe", str(RECIPES / "qwen2-57b-a14b" / "sft.yaml"), "--gpus", "8")
+def test_plan_says_whether_it_fits_and_how_many_gpus_would(tmp_path):
+    # 57B SFT, one 32,768-token sequence: 16 bytes per parameter and the embeddings' gather are sharded
+    # over n GPUs; two gathered layers, activations and the LM head chunk are not.
+    tokens = 32_768
+    sharded = 16 * P_57B + 2 * VOCAB_57B
+    fixed = (2 * 2 * LAYER_57B + tokens * 2 * 3584 * 28 + tokens * (20 * 3584 + 8 * 20480)
+             + CHUNK_ROWS * 151_936 * 6 + tokens * 3584 * 4)
+    needed = next(n for n in (2**i for i in range(11)) if sharded / n + fixed <= 80 * GIB)
+    assert needed == 16
+    recipe = str(_recipe(tmp_path, "sft", "Qwen/Qwen2-57B-A14B", tokens))
+    moe = _cli("plan", "--recipe", recipe, "--gpus", "8")
     assert moe.returncode == 0, moe.stderr
-    assert "57.409 B parameters (14.249 B active per token)" in moe.stdout
-    assert "does not fit in 80 GiB per GPU: needs at least 16 GPUs" in moe.stdout
-    dense = _cli("plan", "--recipe", str(RECIPES / "qwen2-7b" / "sft.yaml"), "--gpus", "8", "--gpu-memory", "80")
-    assert "fits in 80 GiB per GPU" in dense.stdout
+    assert f"{P_57B / 1e9:.3f} B parameters ({ACTIVE_57B / 1e9:.3f} B active per token)" in moe.stdout
+    assert _plan_lines(moe.stdout)["total per GPU"] == pytest.approx((sharded / 8 + fixed) / GIB, abs=0.006)
+    assert f"does not fit in 80 GiB per GPU: needs at least {needed} GPUs" in moe.stdout
+    at_16 = _cli("plan", "--recipe", recipe, "--gpus", str(needed))
+    spare = 80 - (sharded / needed + fixed) / GIB
+    assert f"fits in 80 GiB per GPU ({spare:.1f} GiB to spare)" in at_16.stdout

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from alignment.tokenizer import CHATML_TEMPLATE, load_tokenizer
@@ -42,18 +44,22 @@ def test_chatml_rendering_exact(tokenizer):
     )
 
 
-def test_assistant_mask_covers_exactly_the_assistant_tokens(tokenizer):
-    out = tokenizer.apply_chat_template(MESSAGES, return_dict=True, return_assistant_tokens_mask=True)
+def _assert_mask_is_the_assistant_turns(tokenizer, messages):
+    """return_assistant_tokens_mask marks each assistant turn's content and <|im_end|>, nothing else."""
+    out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = out["input_ids"], out["assistant_masks"]
-    masked = [i for i, m in zip(ids, mask) if m]
-    expected = tokenizer.encode("42<|im_end|>") + tokenizer.encode("It is 2.<|im_end|>")
-    assert masked == expected
+    turns = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    assert [i for i, m in zip(ids, mask) if m] == [t for turn in turns for t in tokenizer.encode(turn)]
     # The masked spans are contiguous and start right after "<|im_start|>assistant\n".
     header = tokenizer.encode("<|im_start|>assistant\n")
     starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
-    assert len(starts) == 2
+    assert len(starts) == len(turns)
     for s in starts:
         assert ids[s - len(header) : s] == header
+
+
+def test_assistant_mask_covers_exactly_the_assistant_tokens(tokenizer):
+    _assert_mask_is_the_assistant_turns(tokenizer, MESSAGES)
 
 
 @pytest.mark.parametrize(
@@ -77,15 +83,76 @@ def test_digits_are_split_one_by_one(tokenizer):
     assert all(len(tokenizer.tokenize(str(n))) == len(str(n)) for n in (7, 42, 31415, 1000000))
 
 
-def test_checkpoint_tokenizer_loads_and_gets_generation_markers(tokenizer, tmp_path):
+# Qwen2-Instruct's chat template, as its tokenizer_config.json ships it: no generation markers.
+QWEN2_INSTRUCT_TEMPLATE = (
+    r"{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    r"{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    r"{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MARKABLE = {
+    "qwen2-instruct": QWEN2_INSTRUCT_TEMPLATE,
+    # Another default system prompt and '<|im_end|>\n' as one literal: what is kept is the checkpoint's own.
+    "own-system-prompt": QWEN2_INSTRUCT_TEMPLATE.replace("You are a helpful assistant.", "You are Qwen.")
+    .replace("'<|im_end|>' + '\\n'", '"<|im_end|>\\n"'),
+    # Our ChatML with its markers taken out: the assistant branch and the generic one both get rewritten.
+    "ours-unmarked": CHATML_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", ""),
+}
+UNMARKABLE = {
+    "not-chatml": "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+                  "{% endfor %}",
+    "content-and-end-apart": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+                             "{{ message['content'] }}{{ '<|im_end|>\\n' }}{% endfor %}",
+    # Users through the markable expression, assistants apart: marking it would miss every assistant turn.
+    "assistants-apart": "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                        "{{ '<|im_start|>assistant\\n' + message['content'] }}{{ '<|im_end|>\\n' }}{% else %}"
+                        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                        "{% endif %}{% endfor %}",
+}
+
+
+def _checkpoint(tokenizer, path, template: str) -> str:
+    tokenizer.save_pretrained(path)
+    saved = load_tokenizer(str(path))  # the tokenizer files written, then the template replaced, as on the Hub
+    saved.chat_template = template
+    saved.save_pretrained(path)
+    return str(path)
+
+
+def test_a_checkpoint_whose_template_has_markers_is_untouched(tokenizer, tmp_path, caplog):
     tokenizer.save_pretrained(tmp_path / "ours")
-    loaded = load_tokenizer(str(tmp_path / "ours"))
-    assert loaded.chat_template == CHATML_TEMPLATE
+    with caplog.at_level(logging.INFO, logger="alignment.tokenizer"):
+        loaded = load_tokenizer(str(tmp_path / "ours"))
+    assert loaded.chat_template == CHATML_TEMPLATE and not caplog.records
     assert loaded.encode("Hello world") == [9707, 1879]
-    # A Hub-style checkpoint: ChatML without generation markers gets ours.
-    loaded.chat_template = CHATML_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
-    loaded.save_pretrained(tmp_path / "hub")
-    again = load_tokenizer(str(tmp_path / "hub"))
-    assert again.chat_template == CHATML_TEMPLATE
-    out = again.apply_chat_template(MESSAGES[:2], return_dict=True, return_assistant_tokens_mask=True)
-    assert sum(out["assistant_masks"]) == 3
+
+
+@pytest.mark.parametrize("name", list(MARKABLE))
+def test_a_checkpoint_keeps_its_own_template_with_generation_markers_added(tokenizer, tmp_path, caplog, name):
+    original = MARKABLE[name]
+    path = _checkpoint(tokenizer, tmp_path / name, original)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignment.tokenizer"):
+        loaded = load_tokenizer(path)
+    assert [r.levelno for r in caplog.records] == [logging.INFO] and path in caplog.records[0].getMessage()
+    assert "{% generation %}" in loaded.chat_template
+    with_system = [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    for messages in (MESSAGES, with_system, MESSAGES[:1], MESSAGES[:3]):
+        for add_generation_prompt in (False, True):
+            kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt)
+            ours = loaded.apply_chat_template(messages, **kw)
+            assert ours == loaded.apply_chat_template(messages, chat_template=original, **kw)
+    _assert_mask_is_the_assistant_turns(loaded, MESSAGES)
+    _assert_mask_is_the_assistant_turns(loaded, with_system)
+
+
+@pytest.mark.parametrize("name", list(UNMARKABLE))
+def test_a_template_that_cannot_be_marked_is_kept_with_one_warning(tokenizer, tmp_path, caplog, name):
+    path = _checkpoint(tokenizer, tmp_path / name, UNMARKABLE[name])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignment.tokenizer"):
+        loaded = load_tokenizer(path)
+    assert loaded.chat_template == UNMARKABLE[name]
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    message = caplog.records[0].getMessage()
+    assert message.startswith(path) and "assistant-only loss needs them" in message and "\n" not in message

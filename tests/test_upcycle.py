@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
@@ -119,16 +120,37 @@ def test_upcycled_tiny_model_trains(ckpts, tokenizer):
     batch = tokenizer(corpus, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses, aux = [], []
+    losses = []
     for _ in range(50):
         out = model(**batch, labels=labels, output_router_logits=True)
+        # The padded batch checks that padding is left out of the load-balancing loss.
+        assert abs(out.aux_loss.item() - _switch_loss(out.router_logits, batch["attention_mask"], top_k=2)) < 1e-6
         out.loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(out.loss.item())
-        aux.append(out.aux_loss.item())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
-    assert all(a > 0 for a in aux)
+
+
+def _switch_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, top_k: int) -> float:
+    """Switch Transformer's load-balancing loss, written out: E * sum_e f_e * P_e over the real tokens of all
+    MoE layers, f_e = share of tokens with e among their top-k, P_e = mean router probability of e."""
+    real = attention_mask.flatten().bool()
+    probs = torch.stack([logits.float().softmax(-1)[real] for logits in router_logits])  # [layers, tokens, E]
+    num_experts = probs.shape[-1]
+    chosen = F.one_hot(probs.topk(top_k).indices, num_experts).sum(-2).float()  # [layers, tokens, E] of 0/1
+    return num_experts * (chosen.mean((0, 1)) * probs.mean((0, 1))).sum().item()
+
+
+def test_load_balancing_loss_at_uniform_routing_is_top_k(ckpts):
+    # Zero routers give every expert probability 1/E: f sums to k over experts, so E * sum_e f_e / E = k.
+    model = load_causal_lm(ckpts["reinit"]).eval()
+    for layer in model.model.layers:
+        layer.mlp.gate.weight.data.zero_()
+    ids = torch.randint(0, 151_000, (2, 16))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+    assert out.aux_loss.item() == pytest.approx(SHAPE["top_k"], abs=1e-6)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -143,6 +165,7 @@ def test_cli_upcycle_with_preset_and_clear_errors(ckpts, tmp_path, capsys):
     assert config["model_type"] == "qwen2_moe" and config["num_experts_per_tok"] == 4
     shape = (config["num_experts"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"])
     assert shape == (8, 96, 384)
+    assert config["original_max_position_embeddings"] == 32768  # the dense checkpoint's trained length, carried
 
     dense, out = ["--dense", str(ckpts["dense"])], ["--out", str(tmp_path / "bad")]
     errors = {

@@ -70,10 +70,15 @@ class GenerationSpec:
     dca_chunk_size: int | None = None  # Dual Chunk Attention chunk size C
     dca_local_size: int | None = None  # DCA local window w
     yarn_factor: float | None = None  # YaRN factor over the trained length
+    trained_length: int | None = None  # the length the model was trained at, where config.json does not record it
 
     def long_context(self) -> dict:
+        """Keyword arguments of `enable_long_context`; empty unless YaRN or DCA is asked for."""
         given = {"chunk_size": self.dca_chunk_size, "local_size": self.dca_local_size, "yarn_factor": self.yarn_factor}
-        return {k: v for k, v in given.items() if v is not None}
+        given = {k: v for k, v in given.items() if v is not None}
+        if given and self.trained_length is not None:
+            given["trained_length"] = self.trained_length
+        return given
 
     def sampling(self, seed: int | None = None, **overrides) -> SamplingParams:
         return SamplingParams(

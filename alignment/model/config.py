@@ -4,6 +4,11 @@ We extend transformers' own config classes (they already parse `rope_theta`, `ro
 `rope_parameters`) and, on save, also write the legacy `rope_theta` / `rope_scaling` keys:
 readers older than transformers 5 (and some serving stacks) only know those, and without them
 they silently fall back to base 10,000 and no YaRN.
+
+The trained length (what YaRN and DCA scale from) is the original length of the RoPE scaling
+when there is one, else an optional top-level `original_max_position_embeddings`, which our
+presets write (stock transformers and vLLM keep it and ignore it for plain RoPE);
+`max_position_embeddings` alone is not trusted (`dca.trained_length_of`).
 """
 
 from __future__ import annotations

@@ -270,11 +270,36 @@ def _group_sum(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.view(b, kv_heads, hq // kv_heads, m, d).sum(2)
 
 
+def trained_length_of(config, trained_length: int | None = None) -> int:
+    """The length `config`'s checkpoint was trained at: the L0 that YaRN and DCA scale from.
+
+    Never `max_position_embeddings`: released base checkpoints put their extended limit there
+    (Qwen2-7B ships 131,072 but was trained at 32,768), and scaling over it would leave YaRN
+    interpolating nothing and DCA's temperature off. In order: `trained_length` (given by the
+    user), the original length of the config's RoPE scaling (`rope_scaling` /
+    `rope_parameters`), or the top-level `original_max_position_embeddings` that `preset_config`
+    and so `init` and `upcycle` record (see presets.py).
+    """
+    found = (
+        trained_length
+        or config.rope_parameters.get("original_max_position_embeddings")
+        or getattr(config, "original_max_position_embeddings", None)
+    )
+    if not found:
+        raise ValueError(
+            f"the trained length is unknown (config.json records no original_max_position_embeddings, and "
+            f"max_position_embeddings {config.max_position_embeddings} may be an extended limit): pass the "
+            f"trained length (--trained-length, trained_length=), e.g. 32768 for the released Qwen2 models"
+        )
+    return int(found)
+
+
 def enable_long_context(
     config,
     chunk_size: int | None = None,
     local_size: int | None = None,
     yarn_factor: float | None = None,
+    trained_length: int | None = None,
 ):
     """A copy of `config` for long inputs: YaRN over the trained length, and/or Dual Chunk Attention.
 
@@ -283,16 +308,20 @@ def enable_long_context(
     - chunk_size, local_size: `dual_chunk_attention_config` with original_max_position_embeddings
       L0, the field vLLM reads. DCA ignores YaRN's frequencies and applies YaRN's temperature
       per query (module docstring); readers without DCA (stock transformers) fall back to YaRN.
-    L0 is the trained length: `rope_scaling`'s original length if the config has one, else
-    max_position_embeddings. Since static YaRN can hurt short inputs, switch this on for
-    evaluation and generation (`qwen2-align chat --dca-chunk-size ...`), not for training.
+    L0 is the trained length (`trained_length_of`: `trained_length` if given, else what the config
+    records; a ValueError if neither), and the copy records it. Since static YaRN can hurt short
+    inputs, switch this on for evaluation and generation (`qwen2-align chat --dca-chunk-size ...`),
+    not for training.
     """
     if (chunk_size is None) != (local_size is None):
         raise ValueError("give both chunk_size and local_size for dual chunk attention")
     config = copy.deepcopy(config)
-    params = dict(config.rope_parameters)
-    original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if yarn_factor is None and chunk_size is None:
+        return config
+    original = trained_length_of(config, trained_length)
+    config.original_max_position_embeddings = original
     if yarn_factor is not None:
+        params = dict(config.rope_parameters)
         params.update(rope_type="yarn", factor=float(yarn_factor), original_max_position_embeddings=original)
         config.rope_parameters = params
         config.max_position_embeddings = int(math.ceil(yarn_factor * original))

@@ -15,7 +15,8 @@ expert, the tokens gathered once, and each non-empty expert does one matmul per 
 over its contiguous rows; empty experts cost nothing. Forward and backward are written by hand
 so that the elementwise work runs once over all slots, the routing weight scales the narrow
 [S, moe_intermediate] activations instead of the [S, hidden] outputs, and no [S, hidden]
-tensor is kept for backward (the gathered input is gathered again there).
+tensor is kept for backward (the gathered input is gathered again there). Experts whose
+projections are wrapped (PEFT LoRA adapters) run module by module instead, so adapters train.
 """
 
 from __future__ import annotations
@@ -132,14 +133,38 @@ class _GroupedExperts(torch.autograd.Function):
         return (dx, dws, None, None, None, *grads)
 
 
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _expert_by_expert(
+    x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: list[int], top_k: int, modules: nn.ModuleList
+) -> torch.Tensor:
+    """`_GroupedExperts`' sum, each non-empty expert called as a module on its sorted slots (autograd does backward)."""
+    tok = order // top_k  # [S] token of each sorted slot
+    slot_weights = weights.index_select(0, order)[:, None]  # [S, 1]
+    out = x.new_zeros(x.shape)  # [T, H]
+    for e, rows in _spans(counts):
+        out.index_add_(0, tok[rows], modules[e](x.index_select(0, tok[rows])) * slot_weights[rows])
+    return out
+
+
 def grouped_experts(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, modules: nn.ModuleList
 ) -> torch.Tensor:
-    """x: [T, H]; weights, experts: [T, k] from `route`; modules: the expert MLPs. Returns [T, H]."""
+    """x: [T, H]; weights, experts: [T, k] from `route`; modules: the expert MLPs. Returns [T, H].
+
+    The grouped kernel reads each projection's `.weight` and nothing else, so it runs only when
+    every projection is a plain `nn.Linear`. Wrapped ones (PEFT's LoRA layers, whose adapters
+    would otherwise get neither a say in the output nor a gradient) go through each expert's
+    own forward instead: slower, but the wrapper's forward is what runs.
+    """
     flat = experts.reshape(-1)  # [S]
     order = flat.argsort(stable=True)  # [S] slots grouped by expert
     counts = torch.bincount(flat, minlength=len(modules)).tolist()
-    params = [getattr(m, proj).weight for proj in ("gate_proj", "up_proj", "down_proj") for m in modules]
+    projections = [getattr(m, proj) for proj in _PROJECTIONS for m in modules]
+    if any(type(p) is not nn.Linear for p in projections):
+        return _expert_by_expert(x, weights.reshape(-1), order, counts, experts.shape[-1], modules)
+    params = [p.weight for p in projections]
     return _GroupedExperts.apply(x, weights.reshape(-1), order, counts, experts.shape[-1], *params)
 
 

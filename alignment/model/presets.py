@@ -56,8 +56,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_config(name: str, **overrides: Any) -> Qwen2Config | Qwen2MoeConfig:
-    """The config of a named shape; `overrides` replace any field (e.g. rope_scaling, initializer_range)."""
+    """The config of a named shape; `overrides` replace any field (e.g. rope_scaling, initializer_range).
+
+    A preset is a model we train ourselves, so its max_position_embeddings (or the original length
+    of a RoPE scaling given in `overrides`) is the trained length. It is recorded as the top-level
+    `original_max_position_embeddings`, which checkpoints from `init` and `upcycle` keep in
+    config.json, so YaRN and DCA (`enable_long_context`) scale from it with no --trained-length.
+    """
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     fields = {**_COMMON, **PRESETS[name], **overrides}
+    scaling = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
+    fields.setdefault(
+        "original_max_position_embeddings",
+        scaling.get("original_max_position_embeddings") or fields["max_position_embeddings"],
+    )
     return (Qwen2MoeConfig if "num_experts" in fields else Qwen2Config)(**fields)

@@ -36,7 +36,9 @@ def rope_frequencies(rope_parameters: dict, head_dim: int, max_position_embeddin
     if rope_type != "yarn":
         raise ValueError(f"rope type {rope_type!r} is not supported (use default or yarn)")
 
-    original_len = int(rope_parameters.get("original_max_position_embeddings") or max_position_embeddings)
+    if not rope_parameters.get("original_max_position_embeddings"):  # max_position_embeddings is the scaled limit
+        raise ValueError("YaRN needs rope_parameters['original_max_position_embeddings'], the trained length")
+    original_len = int(rope_parameters["original_max_position_embeddings"])
     factor = rope_parameters.get("factor") or max_position_embeddings / original_len
     attention_factor = rope_parameters.get("attention_factor")
     if attention_factor is None:
