@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .recipes import RecipeError, apply_overrides, build, check_keys, read_yaml
+from .recipes import RecipeError, apply_overrides, build, read_yaml
 from .stages import run_stage
 
 
@@ -77,14 +77,10 @@ def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str]
         raise RecipeError(f"{where}: stage: this recipe is for '{name}', not '{stage}'")
     recipe_class = _resolve(STAGES[name].recipe_class)
     recipe = build(recipe_class, data, where)
-    trl_config = getattr(recipe_class, "trl_config", "")
-    if trl_config:
-        if "hub_token" in recipe.training:
-            raise RecipeError(f"{where}: training.hub_token: a token does not belong in a recipe (it would be saved "
-                              "with the run); set HF_TOKEN or run `hf auth login`")
-        module, _, cls = trl_config.rpartition(".")
-        recipe.training = check_keys(getattr(importlib.import_module(module), cls), recipe.training, where,
-                                     prefix="training.")
+    if getattr(recipe_class, "trl_config", ""):
+        from .train.recipes import check_training_section
+
+        check_training_section(recipe, where)
     return recipe
 
 

@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
-from .data import DataError, Quarantined, ReadResult, RowKind, load_jsonl, missing_local_file, read_rows, to_jsonl
+from .data import (DataError, DataInput, DataSource, Quarantined, ReadResult, RowKind, as_sources, load_jsonl,
+                   missing_local_file, read_rows, to_jsonl)
 from .recipes import dump_yaml, to_plain
 
 Outcome = dict[str, list[dict]] | Quarantined
@@ -49,7 +50,7 @@ class StageRecipe:
 
     stage: str
     run_dir: str
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, DataInput] = field(default_factory=dict)
     seed: int = 0
     shard_size: int = 64
 
@@ -131,10 +132,45 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def describe_input(source: str) -> dict[str, Any]:
-    """A local file's path and sha256, or a Hub dataset id as given."""
-    path = Path(source)
-    return {"source": source, "sha256": file_sha256(path)} if path.is_file() else {"source": source, "hub": True}
+def folder_sha256(folder: Path) -> str:
+    """One hash over a folder's files (relative path and content), hidden ones (.git) left out."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if not any(part.startswith(".") for part in relative.split("/")):
+            h.update(f"{relative}\0{file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def hub_revision(source: DataSource) -> str:
+    """The commit a Hub dataset's revision resolves to; offline, the revision as given, or "unresolved"."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(source.path, revision=source.revision).sha
+    except Exception:  # noqa: BLE001 - offline, unknown repo, no access: the fingerprint then says so
+        return source.revision or "unresolved"
+
+
+def _describe_source(source: DataSource) -> dict[str, Any]:
+    path = Path(source.path)
+    described: dict[str, Any] = {"source": source.path, "split": source.split, "name": source.name,
+                                 "columns": source.columns, "fraction": source.fraction}
+    if path.is_file():
+        return described | {"sha256": file_sha256(path)}
+    if path.is_dir():
+        return described | {"sha256": folder_sha256(path)}
+    return described | {"hub": True, "revision": hub_revision(source)}
+
+
+def describe_input(data: DataInput) -> dict[str, Any]:
+    """What an input is, for the fingerprint and the manifest: per source its path, split, config,
+    columns and fraction, and a file's or folder's sha256 or a Hub dataset's commit; a mixture
+    lists its sources."""
+    described = [_describe_source(s) for s in as_sources(data)]
+    if len(described) == 1:
+        return described[0]
+    return {"source": " + ".join(d["source"] for d in described), "mixture": described}
 
 
 def write_manifest(run_dir: Path, payload: dict[str, Any]) -> Path:
@@ -162,6 +198,10 @@ class RunStart:
     fingerprint: str
     inputs: dict[str, dict]
     done: dict | None
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def begin_run(name: str, recipe: Any, input_names: list[str]) -> RunStart:
@@ -174,8 +214,9 @@ def begin_run(name: str, recipe: Any, input_names: list[str]) -> RunStart:
     if missing:
         raise StageError(f"{name}: inputs.{missing[0]}: required input is not set in the recipe")
     for n in input_names:
-        if missing_local_file(recipe.inputs[n]):
-            raise StageError(f"{name}: inputs.{n}: {recipe.inputs[n]}: file not found")
+        for source in as_sources(recipe.inputs[n]):
+            if missing_local_file(source.path):
+                raise StageError(f"{name}: inputs.{n}: {source.path}: file not found")
     inputs = {n: describe_input(recipe.inputs[n]) for n in input_names}
     recipe_text = dump_yaml(recipe)
     fingerprint = _fingerprint(recipe_text, inputs)
@@ -215,6 +256,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     for name, result in read.items():
         inputs[name]["rows"] = result.read
         inputs[name]["quarantined"] = len(result.quarantined)
+        inputs[name]["merged"] = result.merged
 
     size = recipe.shard_size
     shards = [primary.rows[s : s + size] for s in range(0, len(primary.rows), size)]

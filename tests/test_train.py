@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from alignment.checkpoint import init_checkpoint
+from helpers.hub_layouts import ULTRACHAT_SPLITS, ULTRAFEEDBACK_SPLITS, ultrachat_folder, ultrafeedback_folder
 from alignment.pipeline import load_recipe, run
 from data_synthesis.arithmetic import write_arithmetic_sets
 
@@ -31,7 +32,7 @@ def _recipe(root: Path, stage: str, model, train, run_dir: Path, **training) -> 
         "stage": stage, "run_dir": str(run_dir), "model": str(model), "dtype": "float32",
         "inputs": {"train": str(train)}, "eval_fraction": 0.25, "seed": 0,
         "training": {"max_length": 256, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
-                     "logging_steps": 1, "bf16": False, "gradient_checkpointing": False,
+                     "logging_steps": 1, "gradient_checkpointing": False,
                      "save_strategy": "no", "disable_tqdm": True, **training},
     }
     path = root / f"{run_dir.name}.yaml"
@@ -46,13 +47,14 @@ def test_sft_loss_falls_and_saves_a_standard_checkpoint(setup):
     manifest = run("sft", load_recipe(recipe))
     m = manifest["metrics"]
     assert m["last_logged_loss"] < 0.7 * m["first_logged_loss"]
-    assert manifest["counts"] == {"rows_in": 96, "quarantined": 0, "train": 72, "eval": 24}
+    assert manifest["counts"] == {"rows_in": 96, "quarantined": 0, "merged_into_pairs": 0, "train": 72, "eval": 24}
     assert "eval_loss" in m and manifest["steps"] == 12
     assert (root / "sft" / "curves.png").stat().st_size > 0
     stock = transformers.AutoModelForCausalLM.from_pretrained(root / "sft")  # stock transformers loads it
     assert type(stock).__name__ == "Qwen2ForCausalLM"
     history = json.loads((root / "sft" / "metrics.json").read_text())["log_history"]
-    assert all(0 <= h["mean_token_accuracy"] <= 1 for h in history if "mean_token_accuracy" in h)
+    accuracy = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h and "loss" in h]
+    assert len(accuracy) == 12 and accuracy[-1] > accuracy[0] + 0.1  # the model learns the answer format
 
 
 def test_packed_batch_loss_equals_samples_alone(setup):
@@ -77,18 +79,29 @@ def test_packed_batch_loss_equals_samples_alone(setup):
 
 def test_reward_model_trains_and_loads_in_stock_transformers(setup):
     root, model, data = setup
-    manifest = run("rm", load_recipe(_recipe(root, "rm", model, data["preferences"], root / "rm", max_steps=6)))
-    assert 0.0 <= manifest["metrics"]["heldout_pair_accuracy"] <= 1.0
+    path = _recipe(root, "rm", model, data["preferences"], root / "rm", max_steps=6)
+    text = yaml.safe_load(Path(path).read_text())
+    text["eval_fraction"], text["inputs"]["eval"] = 0.0, str(data["preferences"])
+    Path(path).write_text(yaml.safe_dump(text))
+    manifest = run("rm", load_recipe(path))
     stock = transformers.AutoModelForSequenceClassification.from_pretrained(root / "rm")
     assert type(stock).__name__ == "Qwen2ForSequenceClassification" and stock.config.num_labels == 1
+    from alignment.data import load_jsonl
     from reward.model import RewardModel
 
     scorer = RewardModel(str(root / "rm"))
-    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
     tok = scorer.tokenizer
-    enc = tok(tok.apply_chat_template(conv, tokenize=False), return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        assert abs(stock(**enc).logits.item() - scorer([conv])[0]) < 1e-4
+
+    def stock_score(conversation: list[dict]) -> float:
+        enc = tok(tok.apply_chat_template(conversation, tokenize=False), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            return stock(**enc).logits.item()
+
+    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
+    assert abs(stock_score(conv) - scorer([conv])[0]) < 1e-4
+    pairs = load_jsonl(data["preferences"])  # the held-out accuracy, recounted with stock transformers
+    wins = sum(stock_score(p["prompt"] + p["chosen"]) > stock_score(p["prompt"] + p["rejected"]) for p in pairs)
+    assert manifest["metrics"]["heldout_pair_accuracy"] == pytest.approx(wins / len(pairs))
 
 
 def test_dpo_raises_the_margin_on_training_pairs(setup):
@@ -151,12 +164,12 @@ def test_moe_sft_and_dpo_train_with_the_router_aux_loss(setup):
     m = run("sft", load_recipe(sft))["metrics"]
     assert m["last_logged_loss"] < m["first_logged_loss"]
     history = json.loads((root / "sft-moe" / "metrics.json").read_text())["log_history"]
-    assert all(h["aux_loss"] > 0 for h in history if "loss" in h)
+    assert all("aux_loss" in h for h in history if "loss" in h)  # its value: tests/test_train_recipes.py vs stock
     assert type(transformers.AutoModelForCausalLM.from_pretrained(root / "sft-moe")).__name__ == "Qwen2MoeForCausalLM"
     dpo = _recipe(root, "dpo", root / "sft-moe", data["preferences"], root / "dpo-moe", max_steps=2, beta=0.1)
     run("dpo", load_recipe(dpo))
     history = json.loads((root / "dpo-moe" / "metrics.json").read_text())["log_history"]
-    assert all(h["aux_loss"] > 0 for h in history if "loss" in h)
+    assert all("aux_loss" in h for h in history if "loss" in h)
 
 
 def test_moe_reward_model_trains_and_loads_in_stock_transformers(setup):
@@ -173,3 +186,24 @@ def test_moe_reward_model_trains_and_loads_in_stock_transformers(setup):
                            add_special_tokens=False)
     with torch.no_grad():
         assert abs(stock(**enc).logits.item() - scorer([conv])[0]) < 1e-4
+
+
+def test_sft_and_dpo_train_on_hub_data_sets_as_users_have_them(setup, tmp_path):
+    """Folders laid out like ultrachat_200k and ultrafeedback_binarized, named with their splits:
+    nothing is quarantined and every row is trained or evaluated on."""
+    root, model, _ = setup
+    chat, feedback = ultrachat_folder(tmp_path / "ultrachat_200k"), ultrafeedback_folder(tmp_path / "ultrafeedback")
+    for stage, folder, (train_split, eval_split), sizes, run_dir in (
+        ("sft", chat, ULTRACHAT_SPLITS, ULTRACHAT_SPLITS, root / "sft-hub"),
+        ("dpo", feedback, ULTRAFEEDBACK_SPLITS, ULTRAFEEDBACK_SPLITS, root / "dpo-hub"),
+    ):
+        path = _recipe(root, stage, model, "unused", run_dir, max_steps=2, beta=0.1) if stage == "dpo" else \
+            _recipe(root, stage, model, "unused", run_dir, max_steps=2)
+        text = yaml.safe_load(Path(path).read_text())
+        text["eval_fraction"] = 0.0
+        text["inputs"] = {"train": {"path": str(folder), "split": train_split},
+                          "eval": {"path": str(folder), "split": eval_split}}
+        Path(path).write_text(yaml.safe_dump(text))
+        manifest = run(stage, load_recipe(path))
+        assert manifest["counts"] == {"rows_in": sizes[train_split] + sizes[eval_split], "quarantined": 0,
+                                      "merged_into_pairs": 0, "train": sizes[train_split], "eval": sizes[eval_split]}

@@ -1,12 +1,26 @@
-"""What every trainer stage shares: data splits with quarantine, TRL configs from recipes,
-model loading, LoRA, resume, and the final save with metrics, curves and a manifest."""
+"""The steps every trainer stage takes, in order: recipe -> data -> model -> trainer -> artifacts.
+
+    run = start_training(recipe)                      # run dir, fingerprint; `run.done` if finished
+    data = load_training_data(recipe, kind, run)      # train / eval rows, quarantine, counts
+    model = load_trained_model(recipe)                # fp32 master weights (see below)
+    trainer = TRLTrainer(model=model, args=trl_config(recipe, Config), train_dataset=data.train_dataset(), ...)
+    metrics = train(trainer, recipe)                  # resumes from the last checkpoint
+    save_model(trainer, recipe, run)                  # LoRA merged, in the starting checkpoint's dtype
+    write_run_artifacts(trainer, recipe, run, data.counts, metrics)   # metrics, curves, manifest
+
+Precision: the recipe's `dtype` is the compute precision (`auto` measures on CPU, see
+`alignment.precision`). The trained weights and the optimizer state stay in float32 and bf16
+runs through autocast, as in transformers' Trainer: an AdamW step of ~7e-6 is below bf16's
+spacing near |w| = 0.02 (~1.2e-4), so weights trained in bf16 would mostly never move. Only
+under DeepSpeed, which keeps its own fp32 master copy, is the model loaded in the compute dtype.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,63 +28,73 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES, causal_lm_class
-from ..data import DataError, RowKind, read_rows, to_jsonl
+from ..data import DataError, RowKind, as_sources, read_rows, to_jsonl, trl_dataset
 from ..model import Qwen2ForCausalLM
+from ..precision import resolve_dtype
 from ..stages import RunStart, StageError, begin_run, write_manifest
 from .recipes import TrainRecipe
 
 
-def start_training(name: str, recipe: TrainRecipe) -> RunStart:
-    return begin_run(name, recipe, [n for n in ("train", "eval") if n == "train" or recipe.inputs.get(n)])
+def start_training(recipe: TrainRecipe) -> RunStart:
+    return begin_run(recipe.stage, recipe, [n for n in ("train", "eval") if n == "train" or recipe.inputs.get(n)])
 
 
-def load_split(recipe: TrainRecipe, kind: RowKind, run_dir: Path) -> tuple[list[dict], list[dict], dict]:
+@dataclass
+class TrainingData:
+    kind: RowKind
+    train: list[dict]
+    eval: list[dict]
+    counts: dict[str, int]
+
+    def train_dataset(self):
+        """The training rows as the dataset type TRL expects for them."""
+        return trl_dataset(self.train, self.kind)
+
+    def eval_dataset(self):
+        return trl_dataset(self.eval, self.kind) if self.eval else None
+
+
+def load_training_data(recipe: TrainRecipe, kind: RowKind, run: RunStart) -> TrainingData:
     """Train and eval rows: `inputs.eval` if given, else a seeded `eval_fraction` of train.
 
-    Bad rows go to run_dir/quarantine.jsonl; the counts are returned for the manifest."""
+    Bad rows go to run_dir/quarantine.jsonl; the counts go into the manifest."""
     try:
         read = {n: read_rows(recipe.inputs[n], kind) for n in ("train", "eval") if recipe.inputs.get(n)}
     except DataError as e:
         raise StageError(f"{recipe.stage}: {e}") from None
     quarantined = [q.record() for r in read.values() for q in r.quarantined]
-    atomic_write_text(run_dir / "quarantine.jsonl", to_jsonl(quarantined))
+    atomic_write_text(run.run_dir / "quarantine.jsonl", to_jsonl(quarantined))
     train = read["train"].rows
     if "eval" in read:
         evaluation = read["eval"].rows
     else:
         order = list(range(len(train)))
         random.Random(recipe.seed).shuffle(order)
-        n_eval = int(round(len(train) * recipe.eval_fraction))
-        held = set(order[:n_eval])
+        held = set(order[: int(round(len(train) * recipe.eval_fraction))])
         evaluation = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
     if not train:
-        raise StageError(f"{recipe.stage}: {recipe.inputs['train']}: no valid training rows "
-                         f"({len(quarantined)} quarantined, see {run_dir / 'quarantine.jsonl'})")
+        sources = " + ".join(str(source) for source in as_sources(recipe.inputs["train"]))
+        raise StageError(f"{recipe.stage}: {sources}: no valid training rows "
+                         f"({len(quarantined)} quarantined, see {run.run_dir / 'quarantine.jsonl'})")
     counts = {"rows_in": sum(r.read for r in read.values()), "quarantined": len(quarantined),
-              "train": len(train), "eval": len(evaluation)}
-    return train, evaluation, counts
+              "merged_into_pairs": sum(r.merged for r in read.values()), "train": len(train), "eval": len(evaluation)}
+    return TrainingData(kind, train, evaluation, counts)
 
 
-def conversations_dataset(rows: list[dict]):
-    """D rows as TRL's conversational language-modelling dataset."""
-    import datasets
-
-    return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
-
-
-def preference_dataset(rows: list[dict]):
-    """P rows as TRL's conversational preference dataset."""
-    import datasets
-
-    return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+def compute_dtype(recipe: TrainRecipe) -> str:
+    """The recipe's compute precision on this machine (`auto` resolved)."""
+    return resolve_dtype(recipe.dtype)[0]
 
 
 def trl_config(recipe: TrainRecipe, config_class: type, **overrides: Any):
-    """The recipe's `training:` section as TRL's config, writing into the run dir.
+    """The recipe's `training:` section as TRL's config (its `__post_init__` checks run), writing
+    into the run dir with the recipe's seed and precision. Also called when a recipe is validated.
 
     Without an accelerator, `use_cpu` is set so bf16 (autocast) is allowed on CPU."""
-    values = {"report_to": "none", **recipe.training, **overrides}
+    dtype = compute_dtype(recipe)
+    values = {"report_to": "none", **recipe.training, **overrides,
+              "bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
     if not (torch.cuda.is_available() or "use_cpu" in values):
         values["use_cpu"] = True
     return config_class(output_dir=str(recipe.run_dir), seed=recipe.seed, **values)
@@ -86,9 +110,24 @@ def peft_config(recipe: TrainRecipe):
                       task_type="SEQ_CLS" if recipe.stage == "rm" else "CAUSAL_LM")
 
 
-def load_model(path: str, recipe: TrainRecipe, model_class: type | None = None, **kwargs):
-    """`model_class` defaults to our causal LM for the checkpoint's model_type (dense or MoE)."""
-    return (model_class or causal_lm_class(path)).from_pretrained(path, dtype=DTYPES[recipe.dtype], **kwargs)
+def _deepspeed(recipe: TrainRecipe) -> bool:
+    return bool(recipe.training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def load_trained_model(recipe: TrainRecipe, model_class: type | None = None, **kwargs):
+    """The model to train, in float32 master weights (in the compute dtype under DeepSpeed).
+
+    `model_class` defaults to our causal LM for the checkpoint's model_type (dense or MoE)."""
+    dtype, why = resolve_dtype(recipe.dtype)
+    weights = dtype if _deepspeed(recipe) else "float32"
+    print(f"{recipe.stage}: compute {why}; weights and optimizer state in {weights}")
+    return (model_class or causal_lm_class(recipe.model)).from_pretrained(recipe.model, dtype=DTYPES[weights], **kwargs)
+
+
+def load_frozen_model(path: str, recipe: TrainRecipe):
+    """A model that is only evaluated (the DPO reference), in the compute dtype, without gradients."""
+    model = causal_lm_class(path).from_pretrained(path, dtype=DTYPES[compute_dtype(recipe)]).eval()
+    return model.requires_grad_(False)
 
 
 def use_native_lm_head(model) -> None:
@@ -102,10 +141,37 @@ def use_native_lm_head(model) -> None:
         del base.forward
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
+def train(trainer, recipe: TrainRecipe) -> dict[str, Any]:
+    """Train, resuming from `training.resume_from_checkpoint` if the recipe names one, else from the
+    run dir's last checkpoint (a killed run goes on where it stopped). Returns the training metrics."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    run_dir = Path(recipe.run_dir)
+    resume = trainer.args.resume_from_checkpoint or (get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None)
+    result = trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
+            "last_logged_loss": losses[-1] if losses else None, "train_runtime_s": result.metrics["train_runtime"]}
+
+
+def saved_dtype(path: str) -> torch.dtype:
+    """The dtype a checkpoint was saved in (its config's `dtype`), which the trained model keeps."""
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig.get_config_dict(path)[0]
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(name, torch.float32)
+
+
+def save_model(trainer, recipe: TrainRecipe, run: RunStart) -> None:
+    """The final model (LoRA merged) and tokenizer into the run dir, in the starting checkpoint's dtype."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):  # LoRA: the next stage expects a full checkpoint
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        model.to(saved_dtype(recipe.model)).save_pretrained(run.run_dir)
+        trainer.processing_class.save_pretrained(run.run_dir)
+    trainer.accelerator.wait_for_everyone()
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> Path | None:
@@ -133,26 +199,19 @@ def plot_history(history: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def finish_training(trainer, recipe: TrainRecipe, start: RunStart, counts: dict, metrics: dict, started: float,
-                    evaluate: Callable[[Path], dict] | None = None) -> dict:
-    """Save the final model (LoRA merged) and tokenizer into the run dir; `evaluate(run_dir)` may
-    then measure the saved model; last come metrics, curves and the manifest that marks the run done."""
-    run_dir = start.run_dir
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):  # LoRA: the next stage expects a full checkpoint
-        model = model.merge_and_unload()
+def write_run_artifacts(trainer, recipe: TrainRecipe, run: RunStart, counts: dict, metrics: dict) -> dict:
+    """metrics.json, curves.png and, last, the manifest that marks the run done; returns the manifest."""
+    run_dir = run.run_dir
     if trainer.accelerator.is_main_process:
-        model.save_pretrained(run_dir)
-        trainer.processing_class.save_pretrained(run_dir)
-        if evaluate is not None:
-            metrics = {**metrics, **evaluate(run_dir)}
         history = trainer.state.log_history
         atomic_write_text(run_dir / "metrics.json", json.dumps({"metrics": metrics, "log_history": history}, indent=2) + "\n")
         plot_history(history, run_dir / "curves.png", f"{recipe.stage}: {run_dir}")
         write_manifest(run_dir, {
-            "stage": recipe.stage, "fingerprint": start.fingerprint, "run_dir": str(run_dir), "inputs": start.inputs,
+            "stage": recipe.stage, "fingerprint": run.fingerprint, "run_dir": str(run_dir), "inputs": run.inputs,
             "recipe": recipe, "seed": recipe.seed, "counts": counts, "metrics": metrics,
-            "steps": trainer.state.global_step, "duration_s": round(time.perf_counter() - started, 3),
+            "precision": {"compute": compute_dtype(recipe), "weights": "float32" if not _deepspeed(recipe) else
+                          compute_dtype(recipe), "saved": str(saved_dtype(recipe.model)).removeprefix("torch.")},
+            "steps": trainer.state.global_step, "duration_s": round(run.elapsed(), 3),
         })
     trainer.accelerator.wait_for_everyone()
     return json.loads((run_dir / "manifest.json").read_text())

@@ -9,22 +9,22 @@ head, only for completion tokens.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..tokenizer import load_tokenizer
 from .common import (
-    finish_training,
-    last_checkpoint,
-    load_model,
-    load_split,
+    TrainingData,
+    load_frozen_model,
+    load_trained_model,
+    load_training_data,
     peft_config,
-    preference_dataset,
+    save_model,
     start_training,
+    train,
     trl_config,
     use_native_lm_head,
+    write_run_artifacts,
 )
 from .recipes import DPORecipe
 
@@ -71,33 +71,37 @@ def preference_margin(model, tokenizer, pairs: list[dict]) -> float:
     return sum(c - r for c, r in zip(chosen, rejected)) / max(len(pairs), 1)
 
 
-def run_dpo(recipe: DPORecipe) -> dict:
-    start = start_training("dpo", recipe)
-    if start.done:
-        return start.done
-    started = time.perf_counter()
-    train, evaluation, counts = load_split(recipe, "preference", start.run_dir)
-    tokenizer = load_tokenizer(recipe.model)
-    reference = load_model(recipe.reference or recipe.model, recipe).eval()
-    reference.requires_grad_(False)
-    trainer = Qwen2DPOTrainer(
-        model=load_model(recipe.model, recipe),
+def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, reference) -> Qwen2DPOTrainer:
+    """The policy to train and TRL's DPO trainer around it; `reference` is the frozen reference model."""
+    return Qwen2DPOTrainer(
+        model=load_trained_model(recipe),
         ref_model=None if recipe.lora is not None else reference,  # with LoRA the adapter-free model is the reference
         args=trl_config(recipe, DPOConfig),
-        train_dataset=preference_dataset(train),
-        eval_dataset=preference_dataset(evaluation) if evaluation else None,
-        processing_class=tokenizer,
+        train_dataset=data.train_dataset(),
+        eval_dataset=data.eval_dataset(),
+        processing_class=load_tokenizer(recipe.model),
         peft_config=peft_config(recipe),
     )
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(start.run_dir))
 
-    def heldout(run_dir) -> dict:
-        if not evaluation:
-            return {}
-        policy = load_model(str(run_dir), recipe).eval()
-        before, after = preference_margin(reference, tokenizer, evaluation), preference_margin(policy, tokenizer, evaluation)
-        print(f"dpo: held-out log p(chosen) - log p(rejected): {before:+.3f} (reference) -> {after:+.3f} (policy)")
-        return {"heldout_margin_reference": before, "heldout_margin_policy": after}
 
-    return finish_training(trainer, recipe, start, counts, {"train_loss": result.training_loss}, started, heldout)
+def heldout_margins(recipe: DPORecipe, reference, tokenizer, pairs: list[dict]) -> dict:
+    """The held-out preference margin of the reference and of the saved policy."""
+    if not pairs:
+        return {}
+    policy = load_frozen_model(recipe.run_dir, recipe)
+    before, after = preference_margin(reference, tokenizer, pairs), preference_margin(policy, tokenizer, pairs)
+    print(f"dpo: held-out log p(chosen) - log p(rejected): {before:+.3f} (reference) -> {after:+.3f} (policy)")
+    return {"heldout_margin_reference": before, "heldout_margin_policy": after}
 
+
+def run_dpo(recipe: DPORecipe) -> dict:
+    run = start_training(recipe)
+    if run.done:
+        return run.done
+    data = load_training_data(recipe, "preference", run)
+    reference = load_frozen_model(recipe.reference or recipe.model, recipe)
+    trainer = build_dpo_trainer(recipe, data, reference)
+    metrics = train(trainer, recipe)
+    save_model(trainer, recipe, run)
+    metrics |= heldout_margins(recipe, reference, trainer.processing_class, data.eval)
+    return write_run_artifacts(trainer, recipe, run, data.counts, metrics)

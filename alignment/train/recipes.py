@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from ..data import DataInput
 from ..generation.base import GenerationSpec
 
 
@@ -27,15 +28,49 @@ class TrainRecipe:
     stage: str
     run_dir: str
     model: str  # checkpoint directory or Hub id to start from
-    inputs: dict[str, str] = field(default_factory=dict)  # train (required), eval (optional)
+    inputs: dict[str, DataInput] = field(default_factory=dict)  # train (required), eval (optional)
     seed: int = 0
     eval_fraction: float = 0.0  # held out from train when no eval input is given
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Compute precision; weights and optimizer state stay float32 (see alignment.train.common).
+    # auto: bf16 on a GPU that has it; on CPU, whichever a matmul probe finds faster.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     training: dict[str, Any] = field(default_factory=dict)  # the TRL config's fields
     lora: LoraSpec | None = None
 
     # The TRL config class `training` is checked against (imported lazily: TRL is slow to import).
     trl_config: ClassVar[str] = ""
+
+
+# `training:` keys that TRL accepts but that have their one home elsewhere (or none in a file).
+REFUSED_TRAINING_KEYS = {
+    "output_dir": "the output directory is the recipe's run_dir",
+    "seed": "use the recipe's top-level seed",
+    "bf16": "the precision is the recipe's dtype (auto, float32, bfloat16, float16)",
+    "fp16": "the precision is the recipe's dtype (auto, float32, bfloat16, float16)",
+    "hub_token": "a token does not belong in a recipe (it would be saved with the run); set HF_TOKEN or run "
+                 "`hf auth login`",
+}
+
+
+def check_training_section(recipe: TrainRecipe, where: str) -> None:
+    """The `training:` section checked as TRL checks it: key by key against the config class,
+    then the config built, so TRL's own cross-field checks (`__post_init__`) fail here, in one
+    line, rather than after the model has loaded."""
+    import importlib
+
+    from ..recipes import RecipeError, check_keys
+    from .common import trl_config
+
+    for key, reason in REFUSED_TRAINING_KEYS.items():
+        if key in recipe.training:
+            raise RecipeError(f"{where}: training.{key}: {reason}")
+    module, _, name = recipe.trl_config.rpartition(".")
+    config_class = getattr(importlib.import_module(module), name)
+    recipe.training = check_keys(config_class, recipe.training, where, prefix="training.")
+    try:
+        trl_config(recipe, config_class)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise RecipeError(f"{where}: training: {str(e).strip().splitlines()[0]}") from None
 
 
 @dataclass

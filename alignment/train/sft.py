@@ -9,34 +9,41 @@ restart at every sample, and our attention keeps each sample to itself.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from ..tokenizer import load_tokenizer
 from .common import (
-    conversations_dataset,
-    finish_training,
-    last_checkpoint,
-    load_model,
-    load_split,
+    TrainingData,
+    load_trained_model,
+    load_training_data,
     peft_config,
+    save_model,
     start_training,
+    train,
     trl_config,
     use_native_lm_head,
+    write_run_artifacts,
 )
 from .recipes import SFTRecipe
 
 
 class Qwen2SFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss comes from our model's chunked LM head."""
+    """SFTTrainer whose plain next-token loss comes from our model's chunked LM head, gradient
+    computed in the forward pass. Every other loss (`loss_type: dft`, `label_smoothing_factor`,
+    a `compute_loss_func`) takes TRL's own path, which our model answers through
+    `fused_lm_head=True` or with full logits."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         use_native_lm_head(self.model)
 
+    def _uses_trl_loss(self) -> bool:
+        return self.args.loss_type != "nll" or self.label_smoother is not None or self.compute_loss_func is not None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._uses_trl_loss():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -65,27 +72,28 @@ class Qwen2SFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def run_sft(recipe: SFTRecipe) -> dict:
-    start = start_training("sft", recipe)
-    if start.done:
-        return start.done
-    started = time.perf_counter()
-    train, evaluation, counts = load_split(recipe, "demonstration", start.run_dir)
-    args = trl_config(recipe, SFTConfig, eval_strategy=recipe.training.get("eval_strategy", "epoch" if evaluation else "no"))
-    trainer = Qwen2SFTTrainer(
-        model=load_model(recipe.model, recipe),
-        args=args,
-        train_dataset=conversations_dataset(train),
-        eval_dataset=conversations_dataset(evaluation) if evaluation else None,
+def build_sft_trainer(recipe: SFTRecipe, data: TrainingData) -> Qwen2SFTTrainer:
+    """The model to train and TRL's SFT trainer around it, as the recipe says."""
+    eval_strategy = recipe.training.get("eval_strategy", "epoch" if data.eval else "no")
+    return Qwen2SFTTrainer(
+        model=load_trained_model(recipe),
+        args=trl_config(recipe, SFTConfig, eval_strategy=eval_strategy),
+        train_dataset=data.train_dataset(),
+        eval_dataset=data.eval_dataset(),
         processing_class=load_tokenizer(recipe.model),
         peft_config=peft_config(recipe),
     )
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(start.run_dir))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
-               "last_logged_loss": losses[-1] if losses else None,
-               "train_tokens_per_s": trainer._total_train_tokens / max(result.metrics["train_runtime"], 1e-9)}
-    if evaluation:
-        metrics |= {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
-    return finish_training(trainer, recipe, start, counts, metrics, started)
 
+
+def run_sft(recipe: SFTRecipe) -> dict:
+    run = start_training(recipe)
+    if run.done:
+        return run.done
+    data = load_training_data(recipe, "demonstration", run)
+    trainer = build_sft_trainer(recipe, data)
+    metrics = train(trainer, recipe)
+    metrics["train_tokens_per_s"] = trainer._total_train_tokens / max(metrics["train_runtime_s"], 1e-9)
+    if data.eval:
+        metrics |= {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
+    save_model(trainer, recipe, run)
+    return write_run_artifacts(trainer, recipe, run, data.counts, metrics)
