@@ -1,10 +1,12 @@
 """`qwen2-align plan`: parameters and memory per GPU for a trainer recipe, before renting the GPUs.
 
-The estimate assumes what the recipes use: bf16 weights and gradients, float32 master weights
-and Adam moments (16 bytes per trained parameter), fully sharded across the GPUs (ZeRO-3 /
-FSDP FULL_SHARD), one or two decoder layers gathered at a time, and activations per
-micro-batch of `per_device_train_batch_size` x `max_length` tokens: every layer's saved
-tensors, or only the layer inputs under gradient checkpointing plus one layer recomputed.
+The estimate counts what the trainers allocate: trained weights kept in float32 (the master copy;
+bf16 runs through autocast) with float32 gradients and Adam moments, 16 bytes per trained
+parameter, fully sharded across the GPUs (FSDP FULL_SHARD; ZeRO-3 holds the same 16 bytes as bf16
+weights and gradients plus an fp32 master copy); LoRA keeps the frozen base in bf16 and only the
+adapters in float32. One or two decoder layers are gathered at a time in bf16, and activations
+are counted per micro-batch of `per_device_train_batch_size` x `max_length` tokens: every layer's
+saved tensors, or only the layer inputs under gradient checkpointing plus one layer recomputed.
 The LM head costs one chunk of logits (our chunked loss), not the full [tokens, vocab] block.
 """
 
@@ -96,11 +98,12 @@ def memory_plan(config: Any, gpus: int, micro_batch: int, seq_len: int, checkpoi
     tokens = micro_batch * seq_len
     per_token_layer = 20 * h + 8 * inter  # bytes of saved tensors per token per layer (bf16, fp32 norms)
     layers = config.num_hidden_layers
-    plan = {
-        "weights (bf16, sharded)": 2 * p.total / gpus,
-        "gradients (bf16, sharded)": 2 * trained / gpus,
-        "master weights + Adam (fp32, sharded)": 12 * trained / gpus,
-        "gathered layers (2 in flight)": 2 * 2 * max(p.per_layer) + 2 * (p.embedding + p.lm_head) / gpus,
+    plan = {"weights (bf16, frozen, sharded)": 2 * p.total / gpus, "adapters (fp32, sharded)": 4 * trained / gpus} if lora \
+        else {"weights (fp32 master, sharded)": 4 * p.total / gpus}
+    plan |= {
+        "gradients (fp32, sharded)": 4 * trained / gpus,
+        "Adam moments (fp32, sharded)": 8 * trained / gpus,
+        "gathered layers (bf16, 2 in flight)": 2 * 2 * max(p.per_layer) + 2 * (p.embedding + p.lm_head) / gpus,
         "activations": (tokens * 2 * h * layers + tokens * per_token_layer) if checkpointing
         else tokens * per_token_layer * layers,
         "LM head chunk (logits + softmax)": CHUNK_ROWS * vocab * (2 + 4) + tokens * h * 4,

@@ -113,7 +113,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
@@ -179,7 +179,7 @@ def write_manifest(run_dir: Path, payload: dict[str, Any]) -> Path:
         **payload,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "packages": package_versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     path = run_dir / "manifest.json"
     atomic_write_text(path, json.dumps(to_plain(payload), indent=2, ensure_ascii=False) + "\n")

@@ -53,8 +53,12 @@ def _proc_status_mb(field: str) -> float:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    """What a result depends on: the CPU model (bf16 is 4.6x fp32 on one, 0.55x on another), threads, torch, commit."""
+    from alignment.precision import cpu_model
+    from alignment.stages import git_commit
+
+    return {"cpu": cpu_model(), "arch": platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "commit": git_commit()}
 
 
 def write_result(name: str, payload: dict) -> Path:

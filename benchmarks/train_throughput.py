@@ -1,15 +1,20 @@
 """SFT and DPO training throughput: stock TRL vs ours, same tiny model and data, one process.
 
-    python benchmarks/train_throughput.py [--steps 8] [--batch 8] [--rows 512] [--no-packing]
+    python benchmarks/train_throughput.py [--steps 6] [--rounds 2] [--batch 8] [--rows 512] [--no-packing]
 
-Stock: TRL's SFTTrainer / DPOTrainer on stock transformers' Qwen2 with TRL's default settings
-(bf16 autocast and gradient checkpointing on), and again with bf16=False. Ours: the same TRL
-trainers through our subclasses, on our backbone, with bf16 autocast and no gradient
-checkpointing (what recipes/tiny uses). SFT packs the short arithmetic conversations into
-512-token rows for every variant, as recipes/tiny does (`--no-packing`: one conversation per
-row, ~40 tokens, where per-step costs such as the optimizer dominate). Tokens/s counts the tokens the trainer saw (TRL's
-`num_tokens`) over the steps after the first two; peak memory is the largest resident-set
-growth during the run, sampled every 10 ms. One line per stage ends in the speed-up `N.Nx`.
+Stock: TRL's SFTTrainer / DPOTrainer on stock transformers' Qwen2, at TRL's defaults (bf16
+autocast, gradient checkpointing, TRL's own chunked LM head) and at its fastest settings
+(no gradient checkpointing, fp32 and bf16). Ours: the same TRL trainers through our
+subclasses, on our backbone, no gradient checkpointing, at the precision `dtype: auto` picks on
+this machine (alignment.precision), as recipes/tiny runs. Variants run interleaved, `--rounds`
+times each, and the median counts. bf16 variants are skipped, and recorded as such, on a CPU
+whose bf16 matmul is under a fifth of its fp32 rate (one step would take many minutes).
+
+SFT packs the short arithmetic conversations into 512-token rows for every variant, as
+recipes/tiny does (`--no-packing`: one conversation per row, ~40 tokens). Tokens/s counts the
+tokens the trainer saw (TRL's `num_tokens`) over the steps after the first two; peak memory is
+the largest resident-set growth during the run, sampled every 10 ms. The result file records
+the CPU model, the probe and the commit.
 """
 
 from __future__ import annotations
@@ -68,11 +73,14 @@ def _timed_train(trainer) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every variant")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--no-packing", action="store_true", help="SFT: one conversation per row")
     a = ap.parse_args()
+
+    import statistics
 
     import datasets
     import torch
@@ -81,54 +89,78 @@ def main() -> None:
 
     from alignment.checkpoint import init_checkpoint
     from alignment.model import Qwen2ForCausalLM
+    from alignment.precision import cpu_probe
     from alignment.tokenizer import load_tokenizer
     from alignment.train.dpo import Qwen2DPOTrainer
     from alignment.train.sft import Qwen2SFTTrainer
     from benchmarks.common import write_result
     from data_synthesis.arithmetic import arithmetic_sets
 
+    probe = cpu_probe()
+    ours_bf16 = probe.dtype == "bfloat16"
+    print(f"precision probe: {probe.describe()}")
     demos, prefs = arithmetic_sets(a.rows, a.rows, seed=0)
     sft_data = datasets.Dataset.from_list([{"messages": r["messages"]} for r in demos])
     dpo_data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in prefs])
     common = dict(max_steps=a.steps, per_device_train_batch_size=a.batch, logging_steps=1, report_to="none",
                   save_strategy="no", disable_tqdm=True, use_cpu=True, max_length=512)
-    variants = {  # name -> (ours, extra config)
-        "stock TRL (defaults: bf16, grad ckpt)": (False, {}),
-        "stock TRL (bf16=False)": (False, {"bf16": False}),
-        "ours (bf16, no grad ckpt)": (True, {"bf16": True, "gradient_checkpointing": False}),
+    no_ckpt = {"gradient_checkpointing": False}
+    variants = {  # name -> (ours, config)
+        "stock defaults (bf16, grad ckpt)": (False, {}),
+        "stock fastest fp32 (no grad ckpt)": (False, {"bf16": False, **no_ckpt}),
+        "stock bf16 (no grad ckpt)": (False, {"bf16": True, **no_ckpt}),
+        f"ours (auto: {probe.dtype}, no grad ckpt)": (True, {"bf16": ours_bf16, **no_ckpt}),
     }
-    results: dict[str, dict[str, dict]] = {"sft": {}, "dpo": {}}
+    bf16_usable = probe.bf16_speedup >= 0.2
+    skipped = {name: f"bf16 matmul {probe.bf16_speedup:.2f}x fp32 on this CPU" for name, (_, extra) in variants.items()
+               if extra.get("bf16", True) and not bf16_usable}
+    speeds: dict[str, dict[str, list]] = {stage: {name: [] for name in variants if name not in skipped}
+                                          for stage in ("sft", "dpo")}
+    peaks: dict[str, dict[str, list]] = {stage: {name: [] for name in speeds[stage]} for stage in speeds}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(init_checkpoint("tiny", Path(tmp) / "tiny", seed=0))
         tok = load_tokenizer(model_dir)
-        for name, (ours, extra) in variants.items():
-            for stage in ("sft", "dpo"):
-                torch.manual_seed(0)
-                cls = Qwen2ForCausalLM if ours else transformers.Qwen2ForCausalLM
-                with PeakMemory() as mem:
-                    if stage == "sft":
-                        trainer = (Qwen2SFTTrainer if ours else SFTTrainer)(
-                            model=cls.from_pretrained(model_dir), processing_class=tok, train_dataset=sft_data,
-                            args=SFTConfig(output_dir=f"{tmp}/out", packing=not a.no_packing, **common, **extra))
-                    else:
-                        trainer = (Qwen2DPOTrainer if ours else DPOTrainer)(
-                            model=cls.from_pretrained(model_dir), ref_model=cls.from_pretrained(model_dir),
-                            processing_class=tok, train_dataset=dpo_data,
-                            args=DPOConfig(output_dir=f"{tmp}/out", **common, **extra))
-                    speed = _timed_train(trainer)
-                results[stage][name] = {"tokens_per_s": speed, "peak_mb": mem.peak}
-                print(f"{stage} {name:>38}: {speed:8.0f} tokens/s, peak +{mem.peak:6.0f} MB", flush=True)
-                del trainer
-                gc.collect()
+        for round_index in range(a.rounds):
+            for name, (ours, extra) in variants.items():
+                if name in skipped:
+                    continue
+                for stage in ("sft", "dpo"):
+                    torch.manual_seed(0)
+                    cls = Qwen2ForCausalLM if ours else transformers.Qwen2ForCausalLM
+                    with PeakMemory() as mem:
+                        if stage == "sft":
+                            trainer = (Qwen2SFTTrainer if ours else SFTTrainer)(
+                                model=cls.from_pretrained(model_dir), processing_class=tok, train_dataset=sft_data,
+                                args=SFTConfig(output_dir=f"{tmp}/out", packing=not a.no_packing, **common, **extra))
+                        else:
+                            trainer = (Qwen2DPOTrainer if ours else DPOTrainer)(
+                                model=cls.from_pretrained(model_dir), ref_model=cls.from_pretrained(model_dir),
+                                processing_class=tok, train_dataset=dpo_data,
+                                args=DPOConfig(output_dir=f"{tmp}/out", **common, **extra))
+                        speed = _timed_train(trainer)
+                    speeds[stage][name].append(speed)
+                    peaks[stage][name].append(mem.peak)
+                    print(f"round {round_index + 1} {stage} {name:>36}: {speed:8.0f} tokens/s, peak +{mem.peak:6.0f} MB",
+                          flush=True)
+                    del trainer
+                    gc.collect()
+    results = {stage: {name: {"tokens_per_s": statistics.median(v), "runs": v, "peak_mb": max(peaks[stage][name])}
+                       for name, v in by.items()} for stage, by in speeds.items()}
     print()
+    ours_name = next(n for n, (ours, _) in variants.items() if ours)
     for stage, by in results.items():
-        base = by["stock TRL (defaults: bf16, grad ckpt)"]
-        fp32 = by["stock TRL (bf16=False)"]
-        ours = by["ours (bf16, no grad ckpt)"]
-        print(f"{stage.upper()}: ours {ours['tokens_per_s']:.0f} tok/s, peak +{ours['peak_mb']:.0f} MB; stock "
-              f"{base['tokens_per_s']:.0f} tok/s, +{base['peak_mb']:.0f} MB (bf16=False: {fp32['tokens_per_s']:.0f} "
-              f"tok/s, +{fp32['peak_mb']:.0f} MB); speed-up {ours['tokens_per_s'] / base['tokens_per_s']:.1f}x")
-    write_result("train_throughput-tiny", {"args": vars(a), "results": results})
+        ours = by[ours_name]
+        stock = {n: r for n, r in by.items() if n != ours_name}
+        fastest = max(stock, key=lambda n: stock[n]["tokens_per_s"])
+        print(f"{stage.upper()}: ours {ours['tokens_per_s']:.0f} tok/s, peak +{ours['peak_mb']:.0f} MB; stock fastest "
+              f"[{fastest}] {stock[fastest]['tokens_per_s']:.0f} tok/s, +{stock[fastest]['peak_mb']:.0f} MB; "
+              f"speed-up {ours['tokens_per_s'] / stock[fastest]['tokens_per_s']:.1f}x"
+              + "".join(f"; vs {n} {ours['tokens_per_s'] / r['tokens_per_s']:.1f}x" for n, r in stock.items()
+                        if n != fastest))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    write_result("train_throughput-tiny", {"args": vars(a), "probe": vars(probe), "results": results,
+                                           "skipped": skipped})
 
 
 if __name__ == "__main__":

@@ -124,10 +124,10 @@ def test_plan_of_a_dpo_run_is_the_hand_calculation_for_the_base_model_it_traces_
     assert f"{P_7B / 1e9:.3f} B parameters" in out.stdout
     tokens = 2 * 8192  # one pair (chosen + rejected) of max_length 8192
     expected = {
-        "weights (bf16, sharded)": 2 * P_7B / 8,
-        "gradients (bf16, sharded)": 2 * P_7B / 8,
-        "master weights + Adam (fp32, sharded)": 12 * P_7B / 8,
-        "gathered layers (2 in flight)": 2 * 2 * LAYER_7B + 2 * VOCAB_7B / 8,
+        "weights (fp32 master, sharded)": 4 * P_7B / 8,
+        "gradients (fp32, sharded)": 4 * P_7B / 8,
+        "Adam moments (fp32, sharded)": 8 * P_7B / 8,
+        "gathered layers (bf16, 2 in flight)": 2 * 2 * LAYER_7B + 2 * VOCAB_7B / 8,
         # checkpointed: every layer's bf16 input, plus one layer's saved tensors (20 h + 8 intermediate bytes)
         "activations": tokens * 2 * 3584 * 28 + tokens * (20 * 3584 + 8 * 18944),
         "LM head chunk (logits + softmax)": CHUNK_ROWS * 152_064 * (2 + 4) + tokens * 3584 * 4,

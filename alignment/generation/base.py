@@ -80,6 +80,20 @@ class GenerationSpec:
             given["trained_length"] = self.trained_length
         return given
 
+    def compute_dtype(self) -> str:
+        """The dtype to load the model in: `auto` on a machine without a GPU is what the matmul probe
+        picks (bf16 generation ran at 0.96x fp32 on a CPU without AMX), elsewhere as given (`auto`
+        keeps the checkpoint's dtype)."""
+        import torch
+
+        from ..precision import resolve_dtype
+
+        if self.dtype != "auto" or torch.cuda.is_available():
+            return self.dtype
+        dtype, why = resolve_dtype("auto", "cpu")
+        print(f"generation: {why}")
+        return dtype
+
     def sampling(self, seed: int | None = None, **overrides) -> SamplingParams:
         return SamplingParams(
             **{

@@ -28,7 +28,9 @@ class TransformersGenerator(Generator):
         from ..tokenizer import load_tokenizer
 
         self.spec = spec
-        self.model = model if model is not None else load_causal_lm(spec.model, spec.dtype, spec.long_context()).eval()
+        if model is None:
+            model = load_causal_lm(spec.model, spec.compute_dtype(), spec.long_context()).eval()
+        self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
 

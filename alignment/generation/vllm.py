@@ -33,7 +33,7 @@ class VLLMGenerator(Generator):
                                                          "dual_chunk_attention_config") if k in long}
         self.llm = LLM(
             model=spec.model,
-            dtype=spec.dtype,
+            dtype=spec.compute_dtype(),
             tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             seed=0,

@@ -12,7 +12,8 @@ Precision: the recipe's `dtype` is the compute precision (`auto` measures on CPU
 `alignment.precision`). The trained weights and the optimizer state stay in float32 and bf16
 runs through autocast, as in transformers' Trainer: an AdamW step of ~7e-6 is below bf16's
 spacing near |w| = 0.02 (~1.2e-4), so weights trained in bf16 would mostly never move. Only
-under DeepSpeed, which keeps its own fp32 master copy, is the model loaded in the compute dtype.
+under DeepSpeed, which keeps its own fp32 master copy, and with LoRA, whose frozen base needs
+none, is the model loaded in the compute dtype.
 """
 
 from __future__ import annotations
@@ -110,16 +111,20 @@ def peft_config(recipe: TrainRecipe):
                       task_type="SEQ_CLS" if recipe.stage == "rm" else "CAUSAL_LM")
 
 
-def _deepspeed(recipe: TrainRecipe) -> bool:
-    return bool(recipe.training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+def weights_dtype(recipe: TrainRecipe) -> str:
+    """The dtype the trained model is loaded in: float32 master weights, except under DeepSpeed
+    (its optimizer keeps the fp32 master copy) and with LoRA (the frozen base needs none; PEFT
+    keeps the adapters in float32)."""
+    deepspeed = bool(recipe.training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "") == "true"
+    return compute_dtype(recipe) if deepspeed or recipe.lora is not None else "float32"
 
 
 def load_trained_model(recipe: TrainRecipe, model_class: type | None = None, **kwargs):
-    """The model to train, in float32 master weights (in the compute dtype under DeepSpeed).
+    """The model to train, in `weights_dtype`.
 
     `model_class` defaults to our causal LM for the checkpoint's model_type (dense or MoE)."""
-    dtype, why = resolve_dtype(recipe.dtype)
-    weights = dtype if _deepspeed(recipe) else "float32"
+    why = resolve_dtype(recipe.dtype)[1]
+    weights = weights_dtype(recipe)
     print(f"{recipe.stage}: compute {why}; weights and optimizer state in {weights}")
     return (model_class or causal_lm_class(recipe.model)).from_pretrained(recipe.model, dtype=DTYPES[weights], **kwargs)
 
@@ -209,8 +214,8 @@ def write_run_artifacts(trainer, recipe: TrainRecipe, run: RunStart, counts: dic
         write_manifest(run_dir, {
             "stage": recipe.stage, "fingerprint": run.fingerprint, "run_dir": str(run_dir), "inputs": run.inputs,
             "recipe": recipe, "seed": recipe.seed, "counts": counts, "metrics": metrics,
-            "precision": {"compute": compute_dtype(recipe), "weights": "float32" if not _deepspeed(recipe) else
-                          compute_dtype(recipe), "saved": str(saved_dtype(recipe.model)).removeprefix("torch.")},
+            "precision": {"compute": compute_dtype(recipe), "weights": weights_dtype(recipe),
+                          "saved": str(saved_dtype(recipe.model)).removeprefix("torch.")},
             "steps": trainer.state.global_step, "duration_s": round(run.elapsed(), 3),
         })
     trainer.accelerator.wait_for_everyone()
