@@ -56,12 +56,26 @@ def arithmetic_sets(n_demonstrations: int, n_preferences: int, seed: int = 0, ma
     return demos, prefs
 
 
-def write_arithmetic_sets(out: str | Path, n_demonstrations: int, n_preferences: int, seed: int = 0) -> dict[str, Path]:
+def math_problems(n: int, seed: int = 0, max_operand: int = 9) -> list[dict]:
+    """Prompt rows with their reference answer in `meta.answer`: the input of rejection sampling."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"id": f"add-q{i:05d}", "messages": question(a, b), "source": "arithmetic",
+                     "meta": {"a": a, "b": b, "answer": str(a + b)}})
+    return rows
+
+
+def write_arithmetic_sets(out: str | Path, n_demonstrations: int, n_preferences: int, seed: int = 0,
+                          n_problems: int = 32) -> dict[str, Path]:
     demos, prefs = arithmetic_sets(n_demonstrations, n_preferences, seed)
     out = Path(out)
-    paths = {"demonstrations": out / "demonstrations.jsonl", "preferences": out / "preferences.jsonl"}
+    paths = {"demonstrations": out / "demonstrations.jsonl", "preferences": out / "preferences.jsonl",
+             "math_problems": out / "math_problems.jsonl"}
     write_rows(paths["demonstrations"], demos)
     write_rows(paths["preferences"], prefs)
+    write_rows(paths["math_problems"], math_problems(n_problems, seed + 1))
     return paths
 
 

@@ -29,7 +29,7 @@ class GenerateStage(Stage):
         outcomes: list[Outcome] = []
         for row, completions in zip(rows, results):
             if not any(c.text.strip() for c in completions):
-                outcomes.append(Quarantined("every completion is empty"))
+                outcomes.append(Quarantined("every completion is empty", row))
                 continue
             outcomes.append({"completions": [{
                 "id": row["id"],

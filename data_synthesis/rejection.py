@@ -1,0 +1,102 @@
+"""`rejection`: rejection sampling for math, the report's recipe for verifiable answers.
+
+For every problem (a prompt row whose `meta.answer` is the reference), `generation.n` reasoning
+paths are sampled; a path is correct when its final answer (`reward.verifiers.extract_answer`)
+equals the reference as mathematics (`math_equal`). Correct paths, deduplicated, become
+demonstrations (D); correct vs incorrect paths become preference pairs (P), up to
+`pairs_per_problem` per problem; every problem gets a score row with pass@1 (the share of
+correct samples) and pass@k (any correct). Output rows carry their lineage in `meta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import mean
+from typing import Any
+
+from alignment.data import Quarantined
+from alignment.generation import make_generator
+from alignment.stages import Outcome, ShardContext, Stage
+from reward.verifiers import extract_answer, math_equal
+
+from .recipes import RejectionRecipe
+
+
+def lineage(stage: str, model: str, seed: int, parent_id: str, **extra: Any) -> dict[str, Any]:
+    """Where a synthesised row came from, kept in its `meta` as `lineage`."""
+    return {"lineage": {"stage": stage, "model": model, "seed": seed, "parent_id": parent_id, **extra}}
+
+
+@dataclass
+class JudgedPaths:
+    """A problem's sampled paths split by their final answer, duplicates dropped, order kept."""
+
+    correct: list[str]
+    incorrect: list[str]
+    samples: int
+    correct_samples: int
+
+
+def judge_paths(reference: str, paths: list[str]) -> JudgedPaths:
+    correct: list[str] = []
+    incorrect: list[str] = []
+    correct_samples = 0
+    for path in paths:
+        answer = extract_answer(path)
+        right = answer is not None and math_equal(reference, answer)
+        correct_samples += right
+        kept = correct if right else incorrect
+        if path.strip() and path.strip() not in (p.strip() for p in kept):
+            kept.append(path)
+    return JudgedPaths(correct, incorrect, len(paths), correct_samples)
+
+
+def rejection_rows(problem: dict, judged: JudgedPaths, pairs_per_problem: int, model: str, seed: int
+                   ) -> dict[str, list[dict]]:
+    """The D, P and score rows of one problem."""
+    prompt, source = problem["messages"], "rejection"
+    meta = lambda **extra: problem["meta"] | lineage("rejection", model, seed, problem["id"], **extra)  # noqa: E731
+    demonstrations = [{"id": f"{problem['id']}-c{i}", "messages": prompt + [{"role": "assistant", "content": path}],
+                       "source": source, "meta": meta(verdict="correct")} for i, path in enumerate(judged.correct)]
+    preferences = [{"id": f"{problem['id']}-p{i}", "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}], "source": source, "meta": meta()}
+                   for i, (chosen, rejected) in enumerate(zip(judged.correct, judged.incorrect))][:pairs_per_problem]
+    score = {"id": problem["id"], "samples": judged.samples, "correct_samples": judged.correct_samples,
+             "pass@1": judged.correct_samples / max(judged.samples, 1), "pass@k": float(judged.correct_samples > 0)}
+    return {"demonstrations": demonstrations, "preferences": preferences, "scores": [score]}
+
+
+class RejectionStage(Stage):
+    name = "rejection"
+    recipe_class = RejectionRecipe
+    inputs = {"problems": "prompt"}
+    outputs = ("demonstrations", "preferences", "scores")
+
+    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+        self.generator = make_generator(self.recipe.generation)
+
+    def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
+        spec = self.recipe.generation
+        results = self.generator.generate([r["messages"] for r in rows], spec.sampling(seed=ctx.seed))
+        ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
+        outcomes: list[Outcome] = []
+        for row, completions in zip(rows, results):
+            reference = row["meta"].get("answer")
+            if reference is None or not str(reference).strip():
+                outcomes.append(Quarantined("meta.answer: a reference answer is required", row))
+                continue
+            judged = judge_paths(str(reference), [c.text for c in completions])
+            outcomes.append(rejection_rows(row, judged, self.recipe.pairs_per_problem, spec.model, ctx.seed))
+        return outcomes
+
+    def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
+        scores = outputs["scores"]
+        return {"pass_rates": {"problems": len(scores),
+                               "mean_pass@1": mean(s["pass@1"] for s in scores) if scores else 0.0,
+                               "pass@k": mean(s["pass@k"] for s in scores) if scores else 0.0,
+                               "k": self.recipe.generation.n}}
+
+    def teardown(self) -> None:
+        if hasattr(self, "generator"):
+            self.generator.close()
