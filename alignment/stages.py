@@ -104,6 +104,11 @@ class Stage(ABC):
     def teardown(self) -> None:
         """Release what `setup` acquired."""
 
+    def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
+        """After the outputs are assembled (a resumed run too): write side files derived from them and
+        return manifest fields of its own (names the runner does not use), for what the row counts do not say."""
+        return {}
+
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -270,8 +275,9 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     if resumed and todo:
         print(f"{stage.name}: resuming, {resumed} of {len(shards)} shards already done")
 
+    side_inputs = {name: r.rows for name, r in read.items() if name != primary_name}
     if todo:
-        stage.setup({name: r.rows for name, r in read.items() if name != primary_name})
+        stage.setup(side_inputs)
         progress = Progress(len(primary.rows), sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
                             stage.name)
         try:
@@ -323,7 +329,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
         "shards": {"total": len(shards), "resumed": resumed, "size": size},
         "duration_s": round(time.perf_counter() - started, 3),
     }
-    write_manifest(run_dir, manifest)
+    write_manifest(run_dir, manifest | stage.finish(outputs, side_inputs))
     print(f"{stage.name}: {primary.read} rows in -> " + ", ".join(f"{k} {v}" for k, v in counts["outputs"].items())
           + f", quarantined {len(primary.quarantined) + stage_quarantined} (see {run_dir / 'quarantine.jsonl'})")
     return json.loads((run_dir / "manifest.json").read_text())

@@ -106,9 +106,19 @@ class ConstitutionRecipe(StageRecipe):
 
 @dataclass
 class DecontamRecipe(StageRecipe):
-    """inputs.train against inputs.test -> the train rows with no test overlap."""
+    """inputs.train against every other input (each one test set) -> the train rows with no test overlap."""
 
     ngram: int = 13
     lcs_min_tokens: int = 13
     lcs_ratio: float = 0.6
     strict_test_split: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1:
+            raise ValueError(f"ngram: must be >= 1, got {self.ngram}")
+        if self.lcs_min_tokens < 1:
+            raise ValueError(f"lcs_min_tokens: must be >= 1, got {self.lcs_min_tokens}")
+        if not 0 < self.lcs_ratio <= 1:
+            raise ValueError(f"lcs_ratio: must be > 0 and <= 1, got {self.lcs_ratio}")
+        if not set(self.inputs) - {"train"}:
+            raise ValueError("inputs: no test set; every input besides train is one (inputs.gsm8k: data/gsm8k.jsonl)")
