@@ -13,6 +13,10 @@ STAGES  := generate instag select evolve responses annotate rejection execution 
 .PHONY: install test test-slow demo init upcycle check bench clean $(STAGES)
 
 install:
+	# bubblewrap contains model-written code (reward/sandbox.py); installed where apt-get is and we are root.
+	command -v bwrap >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || \
+		echo "note: bubblewrap (bwrap) is not installed: reward/sandbox.py will refuse to run model-written code"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -49,6 +53,8 @@ bench:
 	$(BIN)/python benchmarks/moe.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/decontam.py
+	$(BIN)/python benchmarks/sandbox.py
 
 clean:
 	rm -rf runs .pytest_cache
