@@ -7,27 +7,40 @@ sampling), and on its own a way to run a teacher model over a prompt set.
 from __future__ import annotations
 
 from alignment.data import Quarantined
-from alignment.generation import make_generator
+from alignment.generation import Completion, make_generator
 from alignment.stages import Outcome, ShardContext, Stage
 
 from .recipes import GenerateRecipe
 
 
-class GenerateStage(Stage):
+class GeneratingStage(Stage):
+    """A stage that samples from `recipe.generation`: the generator is loaded once, only when some
+    shard still has work, and closed at the end; `sample` counts the tokens for the progress bar."""
+
+    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+        self.generator = make_generator(self.recipe.generation)
+
+    def sample(self, rows: list[dict], ctx: ShardContext) -> list[list[Completion]]:
+        """`generation.n` completions for each row's messages, seeded by the shard."""
+        sampling = self.recipe.generation.sampling(seed=ctx.seed)
+        results = self.generator.generate([r["messages"] for r in rows], sampling)
+        ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
+        return results
+
+    def teardown(self) -> None:
+        if hasattr(self, "generator"):
+            self.generator.close()
+
+
+class GenerateStage(GeneratingStage):
     name = "generate"
     recipe_class = GenerateRecipe
     inputs = {"prompts": "prompt"}
     outputs = ("completions",)
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
-        self.generator = make_generator(self.recipe.generation)
-
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
-        spec = self.recipe.generation
-        results = self.generator.generate([r["messages"] for r in rows], spec.sampling(seed=ctx.seed))
-        ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
         outcomes: list[Outcome] = []
-        for row, completions in zip(rows, results):
+        for row, completions in zip(rows, self.sample(rows, ctx)):
             if not any(c.text.strip() for c in completions):
                 outcomes.append(Quarantined("every completion is empty", row))
                 continue
@@ -36,12 +49,8 @@ class GenerateStage(Stage):
                 "messages": row["messages"],
                 "completions": [c.text for c in completions],
                 "finish_reasons": [c.finish_reason for c in completions],
-                "model": spec.model,
+                "model": self.recipe.generation.model,
                 "source": row["source"],
                 "meta": row["meta"],
             }]})
         return outcomes
-
-    def teardown(self) -> None:
-        if hasattr(self, "generator"):
-            self.generator.close()

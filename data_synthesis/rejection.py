@@ -15,10 +15,10 @@ from statistics import mean
 from typing import Any
 
 from alignment.data import Quarantined
-from alignment.generation import make_generator
-from alignment.stages import Outcome, ShardContext, Stage
+from alignment.stages import Outcome, ShardContext
 from reward.verifiers import extract_answer, math_equal
 
+from .generate import GeneratingStage
 from .recipes import RejectionRecipe
 
 
@@ -67,27 +67,22 @@ def rejection_rows(problem: dict, judged: JudgedPaths, pairs_per_problem: int, m
     return {"demonstrations": demonstrations, "preferences": preferences, "scores": [score]}
 
 
-class RejectionStage(Stage):
+class RejectionStage(GeneratingStage):
     name = "rejection"
     recipe_class = RejectionRecipe
     inputs = {"problems": "prompt"}
     outputs = ("demonstrations", "preferences", "scores")
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
-        self.generator = make_generator(self.recipe.generation)
-
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
-        spec = self.recipe.generation
-        results = self.generator.generate([r["messages"] for r in rows], spec.sampling(seed=ctx.seed))
-        ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
+        model = self.recipe.generation.model
         outcomes: list[Outcome] = []
-        for row, completions in zip(rows, results):
+        for row, completions in zip(rows, self.sample(rows, ctx)):
             reference = row["meta"].get("answer")
             if reference is None or not str(reference).strip():
                 outcomes.append(Quarantined("meta.answer: a reference answer is required", row))
                 continue
             judged = judge_paths(str(reference), [c.text for c in completions])
-            outcomes.append(rejection_rows(row, judged, self.recipe.pairs_per_problem, spec.model, ctx.seed))
+            outcomes.append(rejection_rows(row, judged, self.recipe.pairs_per_problem, model, ctx.seed))
         return outcomes
 
     def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
@@ -96,7 +91,3 @@ class RejectionStage(Stage):
                                "mean_pass@1": mean(s["pass@1"] for s in scores) if scores else 0.0,
                                "pass@k": mean(s["pass@k"] for s in scores) if scores else 0.0,
                                "k": self.recipe.generation.n}}
-
-    def teardown(self) -> None:
-        if hasattr(self, "generator"):
-            self.generator.close()
