@@ -17,7 +17,6 @@ from alignment.checkpoint import init_checkpoint
 from alignment.pipeline import load_recipe, run
 from alignment.recipes import RecipeError
 from alignment.stages import begin_run
-from alignment.tokenizer import load_tokenizer
 from alignment.train.common import load_frozen_model, load_training_data
 from alignment.train.dpo import build_dpo_trainer
 from alignment.train.sft import build_sft_trainer
