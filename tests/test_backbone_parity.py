@@ -49,7 +49,7 @@ def test_parity(tmp_path, preset, yarn, direction):
         a = src(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         b = dst(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     valid = mask.bool()
-    assert (a[valid] - b[valid]).abs().max().item() <= 1e-5
+    assert (a[valid] - b[valid]).abs().max().item() <= 2e-6 * a[valid].abs().max().item()  # fp32 rounding
 
     prompt_ids, prompt_mask = ids[:, -20:], mask[:, -20:]
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=151643)

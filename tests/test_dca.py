@@ -12,9 +12,11 @@ import transformers
 from alignment.model import Qwen2Config, Qwen2ForCausalLM, preset_config
 from alignment.model.dca import (
     DualChunkRotary,
-    _attend,
-    _attend_backward,
+    attention_with_lse,
+    attention_with_lse_backward,
     block_parts,
+    cuda_attend,
+    cuda_attend_backward,
     dual_chunk_attention,
     enable_long_context,
     trained_length_of,
@@ -134,12 +136,24 @@ def test_math_kernel_matches_the_fused_kernel():
     q, k, v = torch.randn(2, 6, 9, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
     grad = torch.randn(2, 6, 9, 8)
     for causal in (True, False):
-        out, lse = _attend(q, k, v, causal, 0.3)
+        out, lse = attention_with_lse(q, k, v, causal, 0.3)
         m_out, m_lse = math_attend(q, k, v, causal, 0.3)
         assert (out - m_out).abs().max() < 1e-5 and (lse - m_lse).abs().max() < 1e-5
-        for a, b in zip(_attend_backward(grad, q, k, v, out, lse, causal, 0.3),
+        for a, b in zip(attention_with_lse_backward(grad, q, k, v, out, lse, causal, 0.3),
                         math_attend_backward(grad, q, k, v, out, lse, causal, 0.3)):
             assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(40, 40, True), (40, 100, False)])
+def test_cuda_kernel_calls_fit_the_efficient_kernels_signatures_and_shapes(nq, nk, causal):
+    """The CUDA pair on meta tensors: arguments the aten ops accept, lse unpadded for the merge and
+    padded back for the backward, K/V gradients summed back to the K/V heads. Values: benchmarks/gpu_check.py."""
+    meta = lambda *shape: torch.empty(*shape, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = meta(2, 8, nq, 64), meta(2, 2, nk, 64), meta(2, 2, nk, 64)
+    out, lse = cuda_attend(q, k, v, causal, 0.125)
+    assert out.shape == q.shape and lse.shape == (2, 8, nq) and lse.dtype == torch.float32
+    dq, dk, dv = cuda_attend_backward(meta(2, 8, nq, 64), q, k, v, out, lse, causal, 0.125)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
 def _pair(chunk, local, original=32768, **kw):

@@ -11,10 +11,11 @@ position (the conventions of vLLM's `DualChunkRotaryEmbedding`, so checkpoints b
 
 No query-key distance exceeds C = chunk_size, and with n <= L this is plain causal RoPE.
 
-Work is done query block by query block: every branch is one fused attention call (the CPU
-flash kernel that SDPA uses, which also returns the log-sum-exp) and the branches are merged
-by their log-sum-exp, so each query gets one softmax over all its keys, the FLOPs are those of
-causal attention, and no n x n score or mask is ever built.
+Work is done query block by query block: every branch is one fused attention call that also
+returns the log-sum-exp (SDPA's flash kernel on CPU, its memory-efficient kernel on CUDA, plain
+math on other devices) and the branches are merged by their log-sum-exp, so each query gets one
+softmax over all its keys, the FLOPs are those of causal attention, and no n x n score or mask
+is ever built.
 
 YaRN: DCA keeps every distance within chunk_size, which is at most the trained length, so the
 rotation uses the plain `rope_theta` frequencies; YaRN's interpolated ones would move the
@@ -197,7 +198,7 @@ class _MergedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale: float, causal: tuple[bool, ...], *qkv: torch.Tensor) -> torch.Tensor:
         parts = [qkv[i : i + 3] for i in range(0, len(qkv), 3)]
-        outs, lses = zip(*(_attend(*p, c, scale) for p, c in zip(parts, causal)))
+        outs, lses = zip(*(attention_with_lse(*p, c, scale) for p, c in zip(parts, causal)))
         if len(parts) == 1:
             out, lse = outs[0], lses[0]
         else:
@@ -215,36 +216,65 @@ class _MergedAttention(torch.autograd.Function):
         grad = grad.contiguous()
         grads = []
         for i, causal in enumerate(ctx.causal):
-            grads += _attend_backward(grad, *qkv[3 * i : 3 * i + 3], out, lse, causal, ctx.scale)
+            grads += attention_with_lse_backward(grad, *qkv[3 * i : 3 * i + 3], out, lse, causal, ctx.scale)
         return None, None, *grads
 
 
-def _attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [b, hq, nq, d], lse [b, hq, nq]) of one part: the fused kernel on CPU, plain math elsewhere."""
+def attention_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [b, hq, nq, d], lse [b, hq, nq]) of one part: a fused kernel on CPU and CUDA, plain math elsewhere."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    if q.device.type == "cuda":
+        return cuda_attend(q, k, v, causal, scale)
     return math_attend(q, k, v, causal, scale)
 
 
-def _attend_backward(grad, q, k, v, out, lse, causal: bool, scale: float) -> list[torch.Tensor]:
+def attention_with_lse_backward(grad, q, k, v, out, lse, causal: bool, scale: float) -> list[torch.Tensor]:
     """dq, dk, dv of one part given the merged out and lse (softmax over all parts' keys)."""
     if q.device.type == "cpu":
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         return list(op(grad, q, k, v, out, lse, 0.0, causal, scale=scale))
+    if q.device.type == "cuda":
+        return cuda_attend_backward(grad, q, k, v, out, lse, causal, scale)
     return math_attend_backward(grad, q, k, v, out, lse, causal, scale)
 
 
+LSE_ALIGN = 32  # the memory-efficient kernel pads its log-sum-exp rows to a multiple of this
+
+
+def cuda_attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` on CUDA: SDPA's memory-efficient kernel (every dtype; no [nq, nk] scores), K/V heads expanded
+    because it has no GQA. Causal parts are square, so its top-left causal alignment is the right one."""
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1]), None, True, 0.0, causal, scale=scale
+    )
+    return out, lse[..., : q.shape[2]]
+
+
+def cuda_attend_backward(grad, q, k, v, out, lse, causal: bool, scale: float) -> list[torch.Tensor]:
+    """The memory-efficient kernel's backward with the merged out and lse (padded back to its row alignment)."""
+    grad, rows = grad.contiguous(), lse.shape[-1]
+    lse = torch.nn.functional.pad(lse, (0, -(-rows // LSE_ALIGN) * LSE_ALIGN - rows)).contiguous()
+    no_dropout = torch.empty((), dtype=torch.long)  # philox seed and offset: read only when dropout_p > 0
+    heads = q.shape[1]
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad, q, expand_kv_heads(k, heads), expand_kv_heads(v, heads), None, out, lse, no_dropout, no_dropout, 0.0,
+        [True, True, True, False], causal, scale=scale,
+    )
+    return [dq, _group_sum(dk, k.shape[1]), _group_sum(dv, k.shape[1])]
+
+
 def math_attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_attend` in plain torch for other devices: materialises the part's [nq, nk] scores (at most L x n)."""
+    """`attention_with_lse` in plain torch for other devices: materialises the part's [nq, nk] scores (at most L x n)."""
     p, lse = _math_probs(q, k, causal, scale)
-    return p.to(v.dtype) @ _expand(v, q), lse
+    return p.to(v.dtype) @ expand_kv_heads(v, q.shape[1]), lse
 
 
 def math_attend_backward(grad, q, k, v, out, lse, causal: bool, scale: float) -> list[torch.Tensor]:
     """The flash-attention backward in plain torch: ds = p * (grad v^T - rowsum(grad * out))."""
     p, _ = _math_probs(q, k, causal, scale, lse)  # [b, hq, nq, nk] float32
-    ds = p * (grad @ _expand(v, q).transpose(-1, -2) - (grad * out).sum(-1, keepdim=True)).float()
-    dq = (ds.to(q.dtype) @ _expand(k, q)) * scale
+    ds = p * (grad @ expand_kv_heads(v, q.shape[1]).transpose(-1, -2) - (grad * out).sum(-1, keepdim=True)).float()
+    dq = (ds.to(q.dtype) @ expand_kv_heads(k, q.shape[1])) * scale
     dk = _group_sum(ds.transpose(-1, -2).to(q.dtype) @ q, k.shape[1]) * scale
     dv = _group_sum(p.transpose(-1, -2).to(grad.dtype) @ grad, k.shape[1])
     return [dq, dk, dv]
@@ -252,16 +282,16 @@ def math_attend_backward(grad, q, k, v, out, lse, causal: bool, scale: float) ->
 
 def _math_probs(q, k, causal: bool, scale: float, lse: torch.Tensor | None = None):
     """Softmax probabilities of one part (float32), normalised by `lse` if given, else by its own."""
-    s = (q @ _expand(k, q).transpose(-1, -2)).float() * scale  # [b, hq, nq, nk]
+    s = (q @ expand_kv_heads(k, q.shape[1]).transpose(-1, -2)).float() * scale  # [b, hq, nq, nk]
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = s.logsumexp(-1) if lse is None else lse
     return (s - lse[..., None]).exp(), lse
 
 
-def _expand(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Repeat K/V heads to the query heads (GQA): [b, hkv, m, d] -> [b, hq, m, d]."""
-    return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
+def expand_kv_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat each K/V head for its query group (GQA): [b, hkv, m, d] -> [b, heads, m, d]."""
+    return kv.repeat_interleave(heads // kv.shape[1], dim=1)
 
 
 def _group_sum(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Parameter names match Hugging Face's `qwen2` checkpoints exactly, so `from_pretrained` reads
 Hub weights and `save_pretrained` writes weights that stock transformers and vLLM load.
 What differs from stock is how the work is done: SDPA without a mask whenever the batch has no
-padding, packed samples kept apart by the mask, and the loss computed through the LM head in
-chunks (`loss.py`) so full-vocabulary logits are never materialised when labels are given.
+padding, packed and padded rows attended as causal segments without an n x n mask
+(`attention.py`), and the loss computed through the LM head in chunks (`loss.py`) so
+full-vocabulary logits are never materialised when labels are given.
 
 One decoder serves both families: a `qwen2_moe` config puts the MoE block (`moe.py`) in the
 layers that `mlp_only_layers` / `decoder_sparse_step` make sparse, and `Qwen2MoeForCausalLM`
@@ -30,7 +31,7 @@ from transformers.modeling_outputs import (
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 from transformers.utils import ModelOutput
 
-from .attention import AttentionMask, Qwen2Attention, build_attention_mask
+from .attention import AttentionLayout, Qwen2Attention, build_attention_layout
 from .config import Qwen2Config, Qwen2MoeConfig
 from .dca import DualChunkPositions, DualChunkRotary
 from .loss import causal_lm_loss, token_logprobs
@@ -101,11 +102,11 @@ class Qwen2DecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,  # [b, n, hidden]
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | DualChunkPositions,
-        mask: AttentionMask | None,
+        layout: AttentionLayout | None,
         past_key_values: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new hidden states and, for an MoE layer, its router logits [b * n, num_experts]."""
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask, past_key_values)
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, layout, past_key_values)
         if not self.sparse:
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.mlp(self.post_attention_layernorm(h))
@@ -165,18 +166,18 @@ class Qwen2Model(Qwen2PreTrainedModel):
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         b, n, _ = inputs_embeds.shape
         if isinstance(self.rotary_emb, DualChunkRotary):  # positions come from the padding mask
-            mask, position_embeddings = None, self.rotary_emb(inputs_embeds, attention_mask, position_ids, past_len)
+            layout, position_embeddings = None, self.rotary_emb(inputs_embeds, attention_mask, position_ids, past_len)
         else:
             if position_ids is None:
                 position_ids = torch.arange(past_len, past_len + n, device=inputs_embeds.device).expand(b, n)
-            mask = build_attention_mask(attention_mask, position_ids, n, past_len)
+            layout = build_attention_layout(attention_mask, position_ids, n, past_len)
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
         all_router_logits = []
         for layer in self.layers:
             hidden_states, router_logits = layer(
-                hidden_states, position_embeddings=position_embeddings, mask=mask, past_key_values=past_key_values
+                hidden_states, position_embeddings=position_embeddings, layout=layout, past_key_values=past_key_values
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
