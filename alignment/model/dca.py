@@ -243,8 +243,8 @@ LSE_ALIGN = 32  # the memory-efficient kernel pads its log-sum-exp rows to a mul
 
 
 def cuda_attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attention_with_lse` on CUDA: SDPA's memory-efficient kernel (every dtype; no [nq, nk] scores), K/V heads expanded
-    because it has no GQA. Causal parts are square, so its top-left causal alignment is the right one."""
+    """`attention_with_lse` on CUDA: SDPA's memory-efficient kernel (every dtype; no [nq, nk] scores), K/V
+    heads expanded because it has no GQA. Causal parts are square, so its causal alignment does not matter."""
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1]), None, True, 0.0, causal, scale=scale
     )
@@ -265,7 +265,7 @@ def cuda_attend_backward(grad, q, k, v, out, lse, causal: bool, scale: float) ->
 
 
 def math_attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attention_with_lse` in plain torch for other devices: materialises the part's [nq, nk] scores (at most L x n)."""
+    """`attention_with_lse` in plain torch for other devices: materialises the part's [nq, nk] scores."""
     p, lse = _math_probs(q, k, causal, scale)
     return p.to(v.dtype) @ expand_kv_heads(v, q.shape[1]), lse
 

@@ -106,7 +106,8 @@ class Qwen2DecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new hidden states and, for an MoE layer, its router logits [b * n, num_experts]."""
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, layout, past_key_values)
+        attended = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, layout, past_key_values)
+        h = hidden_states + attended
         if not self.sparse:
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.mlp(self.post_attention_layernorm(h))
