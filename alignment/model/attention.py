@@ -24,6 +24,8 @@ says how the tokens attend:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -165,9 +167,15 @@ def attention_kernel(layout: AttentionLayout, q: torch.Tensor) -> str:
     """The kernel `attend` runs for this layout and query tensor (reported by benchmarks and the GPU check)."""
     if layout.segments is None:
         return "sdpa-" + layout.kind
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _has_varlen_attention():
         return "flash-varlen"
     return "fused-segments"
+
+
+@functools.cache
+def _has_varlen_attention() -> bool:
+    """torch >= 2.10 ships flash attention's variable-length kernel as `torch.nn.attention.varlen`."""
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 def attend(
