@@ -10,7 +10,7 @@ MOE     ?= tiny-moe
 STAGES  := generate instag select evolve responses annotate rejection execution repurpose constitution decontam \
            sft rm dpo online-dpo
 
-.PHONY: install test test-slow demo init upcycle check bench clean $(STAGES)
+.PHONY: install test test-slow demo init upcycle check bench gpu-check clean $(STAGES)
 
 install:
 	# bubblewrap contains model-written code (reward/sandbox.py); installed where apt-get is and we are root.
@@ -55,6 +55,11 @@ bench:
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/decontam.py
 	$(BIN)/python benchmarks/sandbox.py
+	$(BIN)/python benchmarks/packed_attention.py
+
+# On a CUDA machine: parity, bf16 training steps, packed attention and DCA memory (benchmarks/gpu_check.py).
+gpu-check:
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache
