@@ -14,8 +14,9 @@ from alignment.tokenizer import load_tokenizer
 class RewardModel:
     """`RewardModel(path)(conversations)` -> rewards; a conversation ends with the assistant's reply."""
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 16):
-        self.model = reward_model_class(path).from_pretrained(path, dtype=dtype).eval()
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 16,
+                 device: torch.device | str | None = None):
+        self.model = reward_model_class(path).from_pretrained(path, dtype=dtype, device_map=device).eval()
         self.tokenizer = load_tokenizer(path)
         self.batch_size = batch_size
 
@@ -29,10 +30,8 @@ class RewardModel:
             scores += self.model(**enc).logits[:, 0].float().tolist()
         return scores
 
-    def pair_accuracy(self, pairs: list[dict]) -> tuple[float, float]:
-        """(fraction of preference rows whose chosen reply outscores the rejected one, mean margin)."""
+    def pair_margins(self, pairs: list[dict]) -> list[float]:
+        """reward(chosen) - reward(rejected) of each preference row."""
         chosen = self([r["prompt"] + r["chosen"] for r in pairs])
         rejected = self([r["prompt"] + r["rejected"] for r in pairs])
-        wins = sum(c > r for c, r in zip(chosen, rejected))
-        margin = sum(c - r for c, r in zip(chosen, rejected)) / max(len(pairs), 1)
-        return wins / max(len(pairs), 1), margin
+        return [c - r for c, r in zip(chosen, rejected)]

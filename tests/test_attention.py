@@ -123,3 +123,15 @@ def test_a_packed_row_too_long_for_an_n_by_n_mask_trains():
     with torch.no_grad():  # the last sample alone gives the same hidden states: nothing attends across samples
         alone = model(input_ids=ids[:, -sample:], use_cache=False).last_hidden_state
     assert (hidden[0, -sample:] - alone[0]).abs().max().item() < 1e-4
+
+
+def test_under_autocast_mixed_dtypes_run_in_the_autocast_dtype():
+    """Under bf16 autocast the rotated q and k are float32 and v is bf16: the fused kernels get one dtype."""
+    q, k, v, mask, position_ids = _batch(seed=3)
+    layout = build_attention_layout(mask, position_ids, q.shape[2], 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v.bfloat16(), layout)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    ref = _reference(q, k, v, _allowed(mask, position_ids), mask)
+    assert (out.double() - ref).abs().max().item() < 0.05 and q.grad is not None

@@ -40,6 +40,7 @@ from .dca import (
     dual_chunk_attention,
     expand_kv_heads,
 )
+from .loss import compute_dtype
 from .rope import apply_rotary
 
 
@@ -185,9 +186,12 @@ def attend(
     layout: AttentionLayout,
     dropout: float = 0.0,
 ) -> torch.Tensor:  # [b, hq, n, d]
+    if layout.segments is not None:
+        if dropout:
+            raise ValueError("attention dropout is not implemented for packed or padded rows")
+        dtype = compute_dtype(q)  # under autocast, rotated q and k are float32 and v is not: the fused kernels
+        q, k, v = (t.to(dtype) for t in (q, k, v))  # take one dtype (SDPA casts for itself)
     kernel = attention_kernel(layout, q)
-    if layout.segments is not None and dropout:
-        raise ValueError("attention dropout is not implemented for packed or padded rows")
     if kernel == "flash-varlen":
         return _flash_varlen(q, k, v, layout.segments)
     if kernel == "fused-segments":

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .loss import compute_dtype
 from .rope import RotaryEmbedding, apply_rotary
 
 INTRA, SUCCESSIVE, INTER = 0, 1, 2  # branch index = which rotated query a key part uses
@@ -157,6 +158,7 @@ def dual_chunk_attention(
     """Causal DCA of the new queries over all keys so far, for left-padded or unpadded rows."""
     b, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    k, v = k.to(compute_dtype(q)), v.to(compute_dtype(q))  # under autocast rotated k is float32 and v is not
     past, (cos, sin) = positions.past_len, positions.queries
     if len(positions.row_groups) == 1 and positions.row_groups[0][1] <= past:
         pad = positions.row_groups[0][1]
@@ -181,7 +183,7 @@ def _attend_rows(q, cos, sin, k, v, start: int, block: int, scale: float) -> tor
     """
     outs = []
     for rows, parts in block_parts(start, k.shape[2], block):
-        queries = apply_rotary(q[None, :, :, rows], cos[:, :, rows], sin[:, :, rows])  # [3, b, hq, rows, d]
+        queries = apply_rotary(q[None, :, :, rows], cos[:, :, rows], sin[:, :, rows]).to(k.dtype)  # [3, b, hq, rows, d]
         tensors = [t for branch, keys, _ in parts for t in (queries[branch], k[:, :, keys], v[:, :, keys])]
         outs.append(_MergedAttention.apply(scale, tuple(c for _, _, c in parts), *tensors))
     return torch.cat(outs, dim=2)

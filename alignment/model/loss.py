@@ -16,13 +16,20 @@ logits to float32 on the way), sum, and the gradient written over the logits; th
 Under autocast the matmuls run in the autocast dtype (bf16); the softmax and every gradient term
 are formed in float32 and cast once for the backward matmuls, and the weight gradient is
 accumulated in float32: the same roundings as stock `cross_entropy` under autocast.
+
+Both read the LM head's weight directly, never calling the module, so under sharding they
+fetch the whole weight themselves, as TRL's `add_fused_lm_head` does: FSDP2 can hold it as a
+sharded DTensor (`full_tensor()` all-gathers it, its backward reduce-scatters the gradient), and
+DeepSpeed ZeRO-3 keeps it partitioned outside its module's forward (`_gathered`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 CHUNK_ROWS = 256  # rows of logits per chunk (per matmul): 156 MB of float32 at 151,936 columns
@@ -40,7 +47,26 @@ def _buffer(slot: int, rows: int, vocab: int, dtype: torch.dtype, device: torch.
     return _workspace[key][:rows]
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a plain tensor: an FSDP2 DTensor is all-gathered (differentiably)."""
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+def _gathered(weight: torch.Tensor):
+    """A context in which a ZeRO-3 partitioned weight is whole (TRL's; a null context otherwise).
+
+    TRL is imported only under ZeRO-3: the model runs without it (e.g. `benchmarks/gpu_check.py`)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    return maybe_gather_lm_head_ctx(weight)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `t` runs in: autocast's where autocast is on for its device, else its own."""
     kind = t.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
@@ -117,7 +143,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale: float, need_h: bool, need_w: bool):
         # hidden: [N, H], weight: [V, H], targets: [N]
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         h_all, w = hidden.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -152,7 +178,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, with_stats: bool):
         # hidden: [N, H], weight: [V, H], targets: [N] -> logprobs [N] float32
         # (+ entropy, mean logit, log sum p^2, is_top1)
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         h_all, w = hidden.to(dtype), weight.to(dtype)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -172,13 +198,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         hidden, weight, targets = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
-        h_all, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
-        grad_h = torch.empty(hidden.shape, dtype=ctx.dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for rows in _chunks(hidden.shape[0]):
-            z = _logits(h_all[rows], w)
-            _fold_chunk(z, targets[rows], grad=True, row_scale=-grad_out[rows].float())  # z := go * (onehot - softmax)
-            _backprop_chunk(z, h_all[rows], w, grad_h, grad_w, rows, 1.0)
+        with _gathered(weight):  # the recomputation needs the whole weight again (ZeRO-3 re-partitioned it)
+            h_all, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+            grad_h = torch.empty(hidden.shape, dtype=ctx.dtype, device=hidden.device) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for rows in _chunks(hidden.shape[0]):
+                z = _logits(h_all[rows], w)  # then z := go * (onehot - softmax)
+                _fold_chunk(z, targets[rows], grad=True, row_scale=-grad_out[rows].float())
+                _backprop_chunk(z, h_all[rows], w, grad_h, grad_w, rows, 1.0)
         return (grad_h.to(hidden.dtype) if need_h else None), (grad_w.to(weight.dtype) if need_w else None), None, None
 
 
@@ -203,14 +230,17 @@ class TokenStats:
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, with_stats: bool = False):
     """Log-probability of each label under the LM head; 0 where the label is IGNORE_INDEX.
 
-    hidden: [..., H] aligned with labels (position t predicts labels[t]); weight: [V, H];
-    labels: [...]. Returns float32 [...], or `TokenStats` when `with_stats`.
+    hidden: [..., H] aligned with labels (position t predicts labels[t]); weight: [V, H], the LM
+    head's parameter as the trainer holds it (possibly sharded); labels: [...]. Returns float32
+    [...], or `TokenStats` when `with_stats`.
     """
+    weight = _whole(weight)
     flat_h, flat_y, keep = _labelled(hidden, labels)
     full = [torch.zeros(flat_y.shape, dtype=torch.float32, device=hidden.device) for _ in range(4)]
     full.append(torch.zeros(flat_y.shape, dtype=torch.bool, device=hidden.device))
     if keep.numel():
-        parts = _ChunkedTokenLogprobs.apply(flat_h[keep], weight, flat_y[keep], with_stats)
+        with _gathered(weight):
+            parts = _ChunkedTokenLogprobs.apply(flat_h[keep], weight, flat_y[keep], with_stats)
         full = [f.index_put((keep,), p) for f, p in zip(full, parts)]
     shaped = [f.view(labels.shape) for f in full]
     if not with_stats:
@@ -229,9 +259,11 @@ def causal_lm_loss(
 
     `labels` are unshifted (token t is predicted at t-1); `shift_labels` are already shifted
     (TRL's padding-free batches). The mean is over labelled tokens, or the sum divided by
-    `num_items_in_batch` (gradient accumulation). Returns (loss, labels that were the argmax,
-    labelled tokens).
+    `num_items_in_batch` (gradient accumulation). `weight` is the LM head's parameter as the
+    trainer holds it (possibly sharded); the gradients are computed here, so backward needs no
+    weight. Returns (loss, labels that were the argmax, labelled tokens).
     """
+    weight = _whole(weight)
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     flat_h, flat_y, keep = _labelled(hidden, shift_labels)
@@ -242,5 +274,6 @@ def causal_lm_loss(
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     scale = 1.0 / max(float(num_items_in_batch), 1.0)
-    loss, correct = _FusedLinearCrossEntropy.apply(flat_h[keep], weight, flat_y[keep], scale, need_h, need_w)
+    with _gathered(weight):
+        loss, correct = _FusedLinearCrossEntropy.apply(flat_h[keep], weight, flat_y[keep], scale, need_h, need_w)
     return loss, correct, keep.numel()

@@ -14,6 +14,11 @@ runs through autocast, as in transformers' Trainer: an AdamW step of ~7e-6 is be
 spacing near |w| = 0.02 (~1.2e-4), so weights trained in bf16 would mostly never move. Only
 under DeepSpeed, which keeps its own fp32 master copy, and with LoRA, whose frozen base needs
 none, is the model loaded in the compute dtype.
+
+Sharded training (FSDP2, DeepSpeed ZeRO-3): the model is saved through `trainer.save_model`, which
+gathers the whole weights, and what is evaluated after training (DPO's held-out margins, the reward
+model's pair accuracy) is scored by whole models loaded afresh on each process's device, each
+process scoring its share of the rows (`score_in_shares`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +121,8 @@ def peft_config(recipe: TrainRecipe):
 def weights_dtype(recipe: TrainRecipe) -> str:
     """The dtype the trained model is loaded in: float32 master weights, except under DeepSpeed
     (its optimizer keeps the fp32 master copy) and with LoRA (the frozen base needs none; PEFT
-    keeps the adapters in float32)."""
+    keeps the adapters in float32). FSDP2 keeps the float32 weights as its sharded master copy
+    (accelerate would upcast bf16 ones) and its MixedPrecisionPolicy casts them for compute."""
     deepspeed = bool(recipe.training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "") == "true"
     return compute_dtype(recipe) if deepspeed or recipe.lora is not None else "float32"
 
@@ -129,10 +137,43 @@ def load_trained_model(recipe: TrainRecipe, model_class: type | None = None, **k
     return (model_class or causal_lm_class(recipe.model)).from_pretrained(recipe.model, dtype=DTYPES[weights], **kwargs)
 
 
-def load_frozen_model(path: str, recipe: TrainRecipe):
-    """A model that is only evaluated (the DPO reference), in the compute dtype, without gradients."""
-    model = causal_lm_class(path).from_pretrained(path, dtype=DTYPES[compute_dtype(recipe)]).eval()
-    return model.requires_grad_(False)
+def load_frozen_model(path: str, recipe: TrainRecipe, device: torch.device | str | None = None):
+    """A model that is only evaluated (the DPO reference), in the compute dtype, without gradients,
+    on `device` (default: CPU)."""
+    model = causal_lm_class(path).from_pretrained(path, dtype=DTYPES[compute_dtype(recipe)], device_map=device)
+    return model.eval().requires_grad_(False)
+
+
+@contextmanager
+def whole_models(accelerator=None) -> Iterator[None]:
+    """Within it, `from_pretrained` gives every process the whole model, as without sharding. Under
+    FSDP's CPU-RAM-efficient loading transformers reads the weights on local rank 0 only: the others
+    get zeros, which accelerate's `prepare` overwrites from rank 0 but TRL's `prepare_fsdp` (the DPO
+    reference) does not. With the trainer's `accelerator` under ZeRO-3, the model is not partitioned
+    as it is built (which takes all processes in step) and the LM-head kernel gathers nothing."""
+    from accelerate.utils import patch_environment
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    deepspeed = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    with patch_environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
+        if deepspeed is not None:
+            unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if deepspeed is not None:  # accelerate's plugin holds the config transformers refers to
+                set_hf_deepspeed_config(deepspeed.dschf)
+
+
+def score_in_shares(accelerator, rows: list, score: Callable[[list], list]) -> list:
+    """`score(rows)`, each process scoring its contiguous share within `whole_models`; every process
+    gets all the scores, in row order. `score` loads its model onto `accelerator.device`: the
+    trainer's own models may be sharded, and one process scoring everything outlasts the
+    collective timeout on a large model."""
+    from accelerate.utils import gather_object
+
+    with whole_models(accelerator), accelerator.split_between_processes(rows) as share:
+        return gather_object(score(share))
 
 
 def use_native_lm_head(model) -> None:
@@ -168,14 +209,59 @@ def saved_dtype(path: str) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def save_model(trainer, recipe: TrainRecipe, run: RunStart) -> None:
-    """The final model (LoRA merged) and tokenizer into the run dir, in the starting checkpoint's dtype."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):  # LoRA: the next stage expects a full checkpoint
-        model = model.merge_and_unload()
+def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved model's floating-point weights in `dtype`, one tensor at a time, and its
+    config's `dtype`; nothing to do if its config says it is in `dtype` already."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if saved_dtype(str(path)) == dtype:
+        return
+    total_size = 0
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, file)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        layout = json.loads(index.read_text())
+        layout["metadata"]["total_size"] = total_size
+        atomic_write_text(index, json.dumps(layout, indent=2, sort_keys=True) + "\n")
+    config = json.loads((path / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(trainer, recipe: TrainRecipe, run: RunStart, model_class: type | None = None) -> None:
+    """The final model and tokenizer into the run dir: a full checkpoint in the starting checkpoint's dtype.
+
+    Every process calls `trainer.save_model`, which gathers the whole weights (FSDP2's full state
+    dict, ZeRO-3's 16-bit weights) and writes them, as the trainer holds them, from the main process.
+    The main process then casts them to `saved_dtype`; with LoRA the trainer writes the adapter
+    (run_dir/adapter), which is merged into the starting weights (`model_class`, default our causal
+    LM for the checkpoint) loaded in that dtype."""
+    from peft import PeftModel
+
+    adapter = run.run_dir / "adapter"
+    # No push to the Hub from here (TRL's `push_to_hub`): what the trainer writes is not final yet.
+    trainer.save_model(str(adapter if recipe.lora is not None else run.run_dir), _internal_call=True)
     if trainer.accelerator.is_main_process:
-        model.to(saved_dtype(recipe.model)).save_pretrained(run.run_dir)
-        trainer.processing_class.save_pretrained(run.run_dir)
+        dtype = saved_dtype(recipe.model)
+        if recipe.lora is None:
+            cast_checkpoint(run.run_dir, dtype)
+        else:
+            config = trainer.accelerator.unwrap_model(trainer.model).get_base_model().config
+            with whole_models(trainer.accelerator):
+                base = (model_class or causal_lm_class(recipe.model)).from_pretrained(
+                    recipe.model, config=config, dtype=dtype)
+            PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(run.run_dir)
+            trainer.processing_class.save_pretrained(run.run_dir)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -20,10 +20,12 @@ from .common import (
     load_training_data,
     peft_config,
     save_model,
+    score_in_shares,
     start_training,
     train,
     trl_config,
     use_native_lm_head,
+    whole_models,
     write_run_artifacts,
 )
 from .recipes import DPORecipe
@@ -63,12 +65,12 @@ def completion_logprobs(model, tokenizer, prompts: list[list[dict]], completions
     return totals
 
 
-def preference_margin(model, tokenizer, pairs: list[dict]) -> float:
-    """Mean over pairs of log p(chosen) - log p(rejected): what DPO should raise."""
+def pair_margins(model, tokenizer, pairs: list[dict]) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair: what DPO should raise."""
     prompts = [r["prompt"] for r in pairs]
     chosen = completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in pairs])
     rejected = completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in pairs])
-    return sum(c - r for c, r in zip(chosen, rejected)) / max(len(pairs), 1)
+    return [c - r for c, r in zip(chosen, rejected)]
 
 
 def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, reference) -> Qwen2DPOTrainer:
@@ -84,13 +86,20 @@ def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, reference) -> Qwen2
     )
 
 
-def heldout_margins(recipe: DPORecipe, reference, tokenizer, pairs: list[dict]) -> dict:
-    """The held-out preference margin of the reference and of the saved policy."""
+def heldout_margins(recipe: DPORecipe, accelerator, tokenizer, pairs: list[dict]) -> dict:
+    """The mean held-out preference margin of the reference and of the saved policy, each loaded
+    from its path on every process's device in the compute dtype (see `score_in_shares`)."""
     if not pairs:
         return {}
-    policy = load_frozen_model(recipe.run_dir, recipe)
-    before, after = preference_margin(reference, tokenizer, pairs), preference_margin(policy, tokenizer, pairs)
-    print(f"dpo: held-out log p(chosen) - log p(rejected): {before:+.3f} (reference) -> {after:+.3f} (policy)")
+
+    def mean_margin(path: str) -> float:
+        margins = score_in_shares(accelerator, pairs, lambda share: pair_margins(
+            load_frozen_model(path, recipe, accelerator.device), tokenizer, share))
+        return sum(margins) / len(margins)
+
+    before, after = mean_margin(recipe.reference or recipe.model), mean_margin(recipe.run_dir)
+    accelerator.print(f"dpo: held-out log p(chosen) - log p(rejected): {before:+.3f} (reference) -> "
+                      f"{after:+.3f} (policy)")
     return {"heldout_margin_reference": before, "heldout_margin_policy": after}
 
 
@@ -99,9 +108,12 @@ def run_dpo(recipe: DPORecipe) -> dict:
     if run.done:
         return run.done
     data = load_training_data(recipe, "preference", run)
-    reference = load_frozen_model(recipe.reference or recipe.model, recipe)
+    reference = None  # with LoRA the adapter-free policy is the reference (see `build_dpo_trainer`)
+    if recipe.lora is None:
+        with whole_models():  # under FSDP2 TRL shards it as each process loaded it, broadcasting nothing
+            reference = load_frozen_model(recipe.reference or recipe.model, recipe)
     trainer = build_dpo_trainer(recipe, data, reference)
     metrics = train(trainer, recipe)
     save_model(trainer, recipe, run)
-    metrics |= heldout_margins(recipe, reference, trainer.processing_class, data.eval)
+    metrics |= heldout_margins(recipe, trainer.accelerator, trainer.processing_class, data.eval)
     return write_run_artifacts(trainer, recipe, run, data.counts, metrics)

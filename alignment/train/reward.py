@@ -11,13 +11,15 @@ from collections.abc import Callable
 
 from trl import RewardConfig, RewardTrainer
 
-from ..checkpoint import reward_model_class
+from ..checkpoint import DTYPES, reward_model_class
 from ..tokenizer import load_tokenizer
 from .common import (
+    compute_dtype,
     load_trained_model,
     load_training_data,
     peft_config,
     save_model,
+    score_in_shares,
     start_training,
     train,
     trl_config,
@@ -26,8 +28,8 @@ from .common import (
 from .recipes import RewardRecipe
 
 
-def run_rm(recipe: RewardRecipe, scorer: Callable[[str], object]) -> dict:
-    """`scorer(path)` builds the scoring callable (the CLI passes `reward.model.RewardModel`)."""
+def run_rm(recipe: RewardRecipe, scorer: Callable[..., object]) -> dict:
+    """`scorer(path, dtype=, device=)` builds the scoring callable (the CLI passes `reward.model.RewardModel`)."""
     run = start_training(recipe)
     if run.done:
         return run.done
@@ -43,9 +45,13 @@ def run_rm(recipe: RewardRecipe, scorer: Callable[[str], object]) -> dict:
         peft_config=peft_config(recipe),
     )
     metrics = train(trainer, recipe)
-    save_model(trainer, recipe, run)
+    save_model(trainer, recipe, run, reward_model_class(recipe.model))
     if data.eval:  # measured on the saved model, through the scoring API
-        accuracy, margin = scorer(recipe.run_dir).pair_accuracy(data.eval)
-        print(f"rm: held-out pair accuracy {accuracy:.3f} on {len(data.eval)} pairs (mean margin {margin:+.3f})")
+        device, dtype = trainer.accelerator.device, DTYPES[compute_dtype(recipe)]
+        margins = score_in_shares(trainer.accelerator, data.eval,
+                                  lambda share: scorer(recipe.run_dir, dtype=dtype, device=device).pair_margins(share))
+        accuracy, margin = sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+        trainer.accelerator.print(f"rm: held-out pair accuracy {accuracy:.3f} on {len(margins)} pairs "
+                                  f"(mean margin {margin:+.3f})")
         metrics |= {"heldout_pair_accuracy": accuracy, "heldout_reward_margin": margin}
     return write_run_artifacts(trainer, recipe, run, data.counts, metrics)
