@@ -104,6 +104,11 @@ class Stage(ABC):
     def teardown(self) -> None:
         """Release what `setup` acquired."""
 
+    def input_files(self) -> dict[str, str]:
+        """Files besides the row inputs that decide the outputs (a constitution), by name: their sha256 goes
+        into the fingerprint and the manifest's inputs, so editing one makes a different run, not a resume."""
+        return {}
+
     def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
         """After the outputs are assembled (a resumed run too): write side files derived from them and
         return manifest fields of its own (names the runner does not use), for what the row counts do not say."""
@@ -209,7 +214,7 @@ class RunStart:
         return time.perf_counter() - self.started
 
 
-def begin_run(name: str, recipe: Any, input_names: list[str]) -> RunStart:
+def begin_run(name: str, recipe: Any, input_names: list[str], files: dict[str, str] | None = None) -> RunStart:
     """Check inputs, and refuse a run dir that holds another recipe's run; save the resolved recipe.
 
     A finished run with the same recipe and inputs comes back as `done` (re-running is a no-op);
@@ -223,6 +228,10 @@ def begin_run(name: str, recipe: Any, input_names: list[str]) -> RunStart:
             if missing_local_file(source.path):
                 raise StageError(f"{name}: inputs.{n}: {source.path}: file not found")
     inputs = {n: describe_input(recipe.inputs[n]) for n in input_names}
+    for n, path in (files or {}).items():
+        if not Path(path).is_file():
+            raise StageError(f"{name}: {n}: {path}: file not found")
+        inputs[n] = {"source": str(path), "sha256": file_sha256(path)}
     recipe_text = dump_yaml(recipe)
     fingerprint = _fingerprint(recipe_text, inputs)
     manifest_path = run_dir / "manifest.json"
@@ -246,7 +255,7 @@ def begin_run(name: str, recipe: Any, input_names: list[str]) -> RunStart:
 def run_stage(stage: Stage) -> dict[str, Any]:
     """Run (or resume, or skip) a data stage; returns its manifest."""
     recipe = stage.recipe
-    start = begin_run(stage.name, recipe, list(stage.inputs))
+    start = begin_run(stage.name, recipe, list(stage.inputs), stage.input_files())
     if start.done:
         return start.done
     run_dir, fingerprint, inputs = start.run_dir, start.fingerprint, start.inputs

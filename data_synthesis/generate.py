@@ -6,11 +6,18 @@ sampling), and on its own a way to run a teacher model over a prompt set.
 
 from __future__ import annotations
 
+from typing import Any
+
 from alignment.data import Quarantined
-from alignment.generation import Completion, make_generator
+from alignment.generation import Completion, Prompt, make_generator
 from alignment.stages import Outcome, ShardContext, Stage
 
 from .recipes import GenerateRecipe
+
+
+def lineage(stage: str, model: str, seed: int, parent_id: str, **extra: Any) -> dict[str, Any]:
+    """Where a synthesised row came from, kept in its `meta` as `lineage`."""
+    return {"lineage": {"stage": stage, "model": model, "seed": seed, "parent_id": parent_id, **extra}}
 
 
 class GeneratingStage(Stage):
@@ -22,8 +29,12 @@ class GeneratingStage(Stage):
 
     def sample(self, rows: list[dict], ctx: ShardContext) -> list[list[Completion]]:
         """`generation.n` completions for each row's messages, seeded by the shard."""
-        sampling = self.recipe.generation.sampling(seed=ctx.seed)
-        results = self.generator.generate([r["messages"] for r in rows], sampling)
+        return self.sample_prompts([r["messages"] for r in rows], ctx)
+
+    def sample_prompts(self, prompts: list[Prompt], ctx: ShardContext, **overrides: Any) -> list[list[Completion]]:
+        """Completions for prompts the stage built, seeded by the shard; `overrides` change the sampling (n=1)."""
+        sampling = self.recipe.generation.sampling(seed=ctx.seed, **overrides)
+        results = self.generator.generate(prompts, sampling)
         ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
         return results
 

@@ -98,10 +98,36 @@ class RepurposeRecipe(StageRecipe):
 
 @dataclass
 class ConstitutionRecipe(StageRecipe):
-    """inputs.prompts -> responses that follow (D, chosen) or violate (rejected) a constitution."""
+    """inputs.prompts -> responses that follow (D, chosen) or violate (rejected) a constitution's principles.
+
+    The constitution file is read and checked when the recipe is (data_synthesis.constitution)."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
-    constitution: str = ""  # a file of principles to follow and to avoid
+    constitution: str = ""  # a YAML file of principles to follow and to avoid; "" = recipes/constitution/default.yaml
+    principles: list[str] = field(default_factory=list)  # ids of the principles to draw from; empty = all
+    principles_per_prompt: int = 1  # drawn per prompt, without repeats, from the seed and the prompt's id
+
+    def __post_init__(self) -> None:
+        from .constitution import DEFAULT_CONSTITUTION, load_constitution
+
+        if self.principles_per_prompt < 1:
+            raise ValueError(f"principles_per_prompt: must be >= 1, got {self.principles_per_prompt}")
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one follower and one violator reply per principle), "
+                             f"got {self.generation.n}")
+        self.constitution_path = self.constitution or str(DEFAULT_CONSTITUTION)
+        loaded = load_constitution(self.constitution_path)
+        known = {p.id: p for p in loaded}
+        unknown = [i for i in self.principles if i not in known]
+        if unknown:
+            raise ValueError(f"principles: {unknown[0]!r} is not in {self.constitution_path} "
+                             f"(it has {', '.join(known)})")
+        if len(set(self.principles)) != len(self.principles):
+            raise ValueError("principles: an id is listed twice")
+        self.chosen = [known[i] for i in self.principles] if self.principles else loaded
+        if self.principles_per_prompt > len(self.chosen):
+            raise ValueError(f"principles_per_prompt: {self.principles_per_prompt} is more than the "
+                             f"{len(self.chosen)} principles to draw from")
 
 
 @dataclass

@@ -18,13 +18,8 @@ from alignment.data import Quarantined
 from alignment.stages import Outcome, ShardContext
 from reward.verifiers import extract_answer, math_equal
 
-from .generate import GeneratingStage
+from .generate import GeneratingStage, lineage
 from .recipes import RejectionRecipe
-
-
-def lineage(stage: str, model: str, seed: int, parent_id: str, **extra: Any) -> dict[str, Any]:
-    """Where a synthesised row came from, kept in its `meta` as `lineage`."""
-    return {"lineage": {"stage": stage, "model": model, "seed": seed, "parent_id": parent_id, **extra}}
 
 
 @dataclass
