@@ -3,6 +3,7 @@
 - demonstrations (D): {id, messages, source, meta}; messages = [{role, content}, ...], ending
   with the assistant's reply (an optional system message first, user/assistant alternating).
   A data set of plain text has {id, text, source, meta} rows instead (TRL's "text" type).
+- texts: {id, text, source, meta} rows a stage reads as raw material (passages, character profiles).
 - preferences (P): {id, prompt, chosen, rejected, source, meta}; prompt = messages ending with
   a user turn; chosen / rejected = [one assistant message].
 
@@ -32,7 +33,7 @@ from .atomic import atomic_write_text
 if TYPE_CHECKING:
     import datasets
 
-RowKind = Literal["demonstration", "preference", "prompt", "any"]
+RowKind = Literal["demonstration", "preference", "prompt", "text", "any"]
 ROLES = ("system", "user", "assistant")
 SCHEMA_FIELDS = ("id", "source", "meta")  # every row's fields besides its content
 
@@ -119,8 +120,8 @@ def row_problem(row: Any, kind: RowKind) -> str | None:
         return "source: must be a string"
     if "meta" in row and not isinstance(row["meta"], dict):
         return "meta: must be a mapping"
-    if kind == "demonstration" and "messages" not in row and "text" in row:
-        return None if isinstance(row["text"], str) and row["text"].strip() else "text: must be a non-empty string"
+    if kind == "text" or (kind == "demonstration" and "messages" not in row and "text" in row):
+        return None if isinstance(row.get("text"), str) and row["text"].strip() else "text: must be a non-empty string"
     if kind == "demonstration":
         return _messages_problem(row.get("messages"), "messages", "assistant")
     if kind == "prompt":
@@ -298,6 +299,10 @@ def _content(row: dict, kind: RowKind) -> tuple[dict, set[str]]:
         if "text" in row:
             return {"text": row["text"]}, {"text"}
         raise _BadRow("messages: missing (expected a messages, prompt + completion, or text column)")
+    if kind == "text":
+        if "text" in row:
+            return {"text": row["text"]}, {"text"}
+        raise _BadRow("text: missing (expected a text column)")
     if kind == "prompt":
         if "prompt" in row:
             return {"messages": _as_messages(row["prompt"], "user", "prompt")}, {"prompt"}

@@ -79,21 +79,48 @@ class RejectionRecipe(StageRecipe):
 
 @dataclass
 class ExecutionRecipe(StageRecipe):
-    """inputs.tasks -> responses kept when their code or constraint checkers pass in the sandbox."""
+    """code: inputs.tasks (prompts, tests in meta.tests or written by the teacher) -> solutions run with the
+    tests in the sandbox, passing to D, passing vs failing to P (data_synthesis.execution).
+    instruction_following (constraint checkers) is not built yet."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     kind: Literal["code", "instruction_following"] = "code"
-    timeout_s: float = 10.0
-    memory_mb: int = 512
+    timeout_s: float = 10.0  # per solution, wall clock and CPU seconds
+    memory_mb: int = 512  # per solution, address space
+    workers: int = 2  # sandboxes run at once (size it to the cores)
+
+    def __post_init__(self) -> None:
+        if self.kind == "instruction_following":
+            raise ValueError("kind: 'instruction_following' is not built yet (only 'code' is)")
+        for name in ("timeout_s", "memory_mb", "workers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
 class RepurposeRecipe(StageRecipe):
-    """inputs.documents -> instructions of varied detail paired with the original text."""
+    """literature: inputs.documents (text rows) -> instructions at each detail level, the original text the answer;
+    roleplay: inputs.profiles (text rows, character profiles) -> a role-play exchange with the profile as system
+    prompt (data_synthesis.repurpose)."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     kind: Literal["literature", "roleplay"] = "literature"
-    detail_levels: list[str] = field(default_factory=lambda: ["brief", "detailed"])
+    detail_levels: list[str] = field(default_factory=lambda: ["brief", "detailed", "very_detailed"])
+
+    def __post_init__(self) -> None:
+        from .repurpose import DETAIL_TEMPLATES
+
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one instruction per level, one reply per turn), "
+                             f"got {self.generation.n}")
+        if self.kind == "literature":
+            if not self.detail_levels:
+                raise ValueError(f"detail_levels: must list at least one of {', '.join(DETAIL_TEMPLATES)}")
+            unknown = [d for d in self.detail_levels if d not in DETAIL_TEMPLATES]
+            if unknown:
+                raise ValueError(f"detail_levels: unknown level {unknown[0]!r} (known: {', '.join(DETAIL_TEMPLATES)})")
+            if len(set(self.detail_levels)) != len(self.detail_levels):
+                raise ValueError("detail_levels: a level is listed twice")
 
 
 @dataclass
