@@ -47,6 +47,34 @@ def peak_rss_since_reset_mb() -> float:
     return _proc_status_mb("VmHWM")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer or a memory reading covers it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synced(step: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`step` followed by `synchronize`: what `time_steps` should time on a GPU."""
+    def run() -> None:
+        step()
+        synchronize(device)
+    return run
+
+
+def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float:
+    """Peak memory one call of `step` adds: the CUDA allocator's peak on a GPU, else the process's peak RSS,
+    each above its level just before the call."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        synced(step, device)()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = reset_peak_rss()
+    step()
+    return peak_rss_since_reset_mb() - base
+
+
 def _proc_status_mb(field: str) -> float:
     match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     return int(match.group(1)) / 1024

@@ -37,24 +37,19 @@ from alignment.model.dca import DualChunkRotary, dual_chunk_attention  # noqa: E
 from alignment.model.modeling import CAUSAL_LM_CLASSES  # noqa: E402
 from alignment.model.rope import apply_rotary  # noqa: E402
 from alignment.plan import count_parameters, memory_plan  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, peak_memory_mb, synchronize, synced, time_steps  # noqa: E402
 from benchmarks.packed_attention import compare, sample_lengths  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: torch.device, size: int) -> dict:
     a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    _sync(device)
+    synchronize(device)
     start, repeats = time.perf_counter(), 10
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / repeats
     return {"size": size, "bf16_tflops": 2 * size**3 / seconds / 1e12}
 
@@ -66,7 +61,8 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def backbone_parity(device: torch.device, preset: str, seq_len: int, folder: Path) -> dict:
-    """Logits of ours and stock transformers (loaded from our saved checkpoint) on a left-padded batch, fp32 and bf16."""
+    """Logits of ours and of stock transformers (loaded from our saved checkpoint) on a left-padded batch,
+    in fp32 and bf16."""
     import transformers
 
     config = preset_config(preset, num_hidden_layers=2, initializer_range=0.1)
@@ -85,7 +81,8 @@ def backbone_parity(device: torch.device, preset: str, seq_len: int, folder: Pat
         for model in (ours, stock):
             model.to(device=device, dtype=dtype)
             with torch.no_grad():
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device))
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            position_ids=position_ids.to(device))
             logits.append(out.logits.float().cpu()[real])
         result[f"{str(dtype).removeprefix('torch.')}_max_rel_diff"] = _max_rel(*logits)
     return result
@@ -109,8 +106,8 @@ def _segment_reference(q, k, v, mask, position_ids) -> torch.Tensor:
     """Float64 attention, each sample alone (causal, real tokens only); zeros at padding."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     for row in range(q.shape[0]):
-        starts = [i for i in range(q.shape[2]) if mask[row, i] and (i == 0 or not mask[row, i - 1]
-                                                                     or position_ids[row, i] != position_ids[row, i - 1] + 1)]
+        starts = [i for i in range(q.shape[2]) if mask[row, i] and (
+            i == 0 or not mask[row, i - 1] or position_ids[row, i] != position_ids[row, i - 1] + 1)]
         for first in starts:
             end = first + 1
             while end < q.shape[2] and mask[row, end] and position_ids[row, end] == position_ids[row, end - 1] + 1:
@@ -199,11 +196,11 @@ def sft_steps(device: torch.device, preset: str, row_tokens: int, steps: int, pe
     losses = [step()]  # warm-up (allocator, kernels)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         losses.append(step())
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     params = count_parameters(config)
     matmul_params = params.total - params.embedding + config.vocab_size * config.hidden_size  # the head's matmul
@@ -240,19 +237,10 @@ def dca_memory(device: torch.device, tokens: int, heads: int, kv_heads: int, hea
     result = {"tokens": tokens}
     with torch.no_grad():
         for name, run in runs.items():
-            run()
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            result[f"{name}_s"] = time.perf_counter() - start
-            if device.type == "cuda":
-                result[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    if device.type == "cuda":
-        result["memory_ratio"] = result["dca_peak_mb"] / max(result["sdpa_peak_mb"], 1e-9)
+            run()  # warm-up
+            result[f"{name}_peak_mb"] = peak_memory_mb(run, device)
+            result[f"{name}_s"] = time_steps(synced(run, device), 1, warmup=0)
+    result["memory_ratio"] = result["dca_peak_mb"] / max(result["sdpa_peak_mb"], 1e-9)
     return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alignment.model.attention import attend, attention_kernel, build_attention_layout  # noqa: E402
-from benchmarks.common import peak_rss_since_reset_mb, reset_peak_rss, time_steps, write_result  # noqa: E402
+from benchmarks.common import peak_memory_mb, synced, time_steps, write_result  # noqa: E402
 
 
 def sample_lengths(rows: int, row_tokens: int, samples: int, equal: bool, seed: int = 0) -> list[list[int]]:
@@ -40,27 +39,6 @@ def sample_lengths(rows: int, row_tokens: int, samples: int, equal: bool, seed: 
         cuts = sorted(torch.randperm(row_tokens - 1, generator=g)[: samples - 1].add(1).tolist())
         out.append([b - a for a, b in zip([0] + cuts, cuts + [row_tokens])])
     return out
-
-
-def _timed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    def run() -> None:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return run
-
-
-def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = reset_peak_rss()
-    step()
-    return peak_rss_since_reset_mb() - base
 
 
 def compare(lengths: list[list[int]], heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -107,11 +85,11 @@ def compare(lengths: list[list[int]], heads: int, kv_heads: int, head_dim: int, 
     result: dict = {}
     for name, step in variants.items():
         step()  # warm-up
-        result[f"{name}_peak_mb"] = round(_peak_mb(step, device), 1)
+        result[f"{name}_peak_mb"] = round(peak_memory_mb(step, device), 1)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(steps):
         for name, step in variants.items():
-            times[name].append(time_steps(_timed(step, device), 1, warmup=0))
+            times[name].append(time_steps(synced(step, device), 1, warmup=0))
     for name, t in times.items():
         result[f"{name}_s"] = sorted(t)[len(t) // 2]
     result["time_ratio"] = result["packed_s"] / result["unpacked_s"]

@@ -119,13 +119,13 @@ def build_attention_layout(
             starts[:, 1:] |= valid[:, 1:] != valid[:, :-1]
             first_real = valid & ~F.pad(valid[:, :-1], (1, 0))
             if bool((first_real.sum(-1) > 1).any()):  # holes inside a row: only a mask says that
-                return _mask_layout(attention_mask, q_len, past_len, padded=True)
+                return _mask_layout(attention_mask, q_len, past_len)
         elif not bool(starts[:, 1:].any()):
             return AttentionLayout(is_causal=True)
         return AttentionLayout(False, segments=_segments(starts, valid))
     if not padded:
         return AttentionLayout(is_causal=q_len > 1)  # decoding one token, or one token alone
-    return _mask_layout(attention_mask, q_len, past_len, padded)
+    return _mask_layout(attention_mask, q_len, past_len)
 
 
 def _segments(starts: torch.Tensor, valid: torch.Tensor | None) -> Segments:
@@ -151,14 +151,14 @@ def _segments(starts: torch.Tensor, valid: torch.Tensor | None) -> Segments:
     return Segments(cu_seqlens, max(e - f for f, e in zip(edges, edges[1:])), groups)
 
 
-def _mask_layout(attention_mask: torch.Tensor | None, q_len: int, past_len: int, padded: bool) -> AttentionLayout:
+def _mask_layout(attention_mask: torch.Tensor, q_len: int, past_len: int) -> AttentionLayout:
+    """Causal over the padding mask's real keys: for what segments cannot say (holes, a cache offset)."""
     kv_len = past_len + q_len
     device = attention_mask.device
     q_pos = torch.arange(past_len, kv_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
     mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q, k]
-    if padded:
-        mask = mask & attention_mask[:, None, None, :kv_len].bool()
+    mask = mask & attention_mask[:, None, None, :kv_len].bool()
     # A query with no key at all (a left-pad position) would give NaN; let it see everything.
     mask = mask | ~mask.any(-1, keepdim=True)
     return AttentionLayout(False, mask)

@@ -158,7 +158,8 @@ def dual_chunk_attention(
     """Causal DCA of the new queries over all keys so far, for left-padded or unpadded rows."""
     b, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    k, v = k.to(compute_dtype(q)), v.to(compute_dtype(q))  # under autocast rotated k is float32 and v is not
+    dtype = compute_dtype(q)  # under autocast rotated k is float32 and v is not
+    k, v = k.to(dtype), v.to(dtype)
     past, (cos, sin) = positions.past_len, positions.queries
     if len(positions.row_groups) == 1 and positions.row_groups[0][1] <= past:
         pad = positions.row_groups[0][1]
