@@ -10,20 +10,35 @@ Passing solutions, deduplicated, become demonstrations (D); passing vs failing s
 preference pairs (P). When every solution fails tests the model wrote, the tests are suspect:
 the task goes to `suspect_tests.jsonl` and gives no pairs (the solutions are not blamed). Every
 task gets a score row (samples, passed, pass@1, pass@k, statuses); rows keep their lineage.
+
+Kind `instruction_following` (AutoIF's manner): every prompt row gets checkable constraints, from its
+`meta.constraints` or drawn from the seed kinds of `reward.constraints` (seeded by the recipe seed and the
+row id), their descriptions appended to the user turn. Each seed kind brings a trusted checker and test
+cases; with `teacher_checkers` > 0 the teacher also writes checkers with cases (`CHECKERS_PROMPT`), kept when
+their accuracy on the pooled cases reaches `checker_min_accuracy` (a free-text constraint needs
+`min_checkers` distinct ones, or the row is quarantined). One sandbox job per instruction runs every checker
+on every case and every response; a response's pass rate is the share of kept checkers it passes. Pass rate
+1 goes to D, chosen (>= `chosen_min_pass_rate`) vs rejected (0) to P; `suspect_tests` stays empty.
 """
 
 from __future__ import annotations
 
+import ast
+import json
+import random
 import re
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from alignment.data import Quarantined
+from alignment.data import Quarantined, load_jsonl
 from alignment.stages import Outcome, ShardContext, StageError
+from reward.constraints import (CheckerVerdicts, Constraint, ConstraintError, constraints_from_specs,
+                                draw_constraints, run_checkers)
 from reward.sandbox import Program, SandboxResult, run_many, sandbox_unavailable_reason
 
 from .generate import GeneratingStage, lineage
@@ -32,6 +47,13 @@ from .recipes import ExecutionRecipe
 TESTS_PROMPT = ("Write tests for a correct solution to the programming task below: Python `assert` statements "
                 "only, calling the functions the task asks for. Reply with one ```python code block.\n\n"
                 "Task:\n{task}")
+CHECKERS_PROMPT = ("A response to an instruction must follow this constraint:\n\n{constraint}\n\nWrite a Python "
+                   "function `evaluate(response: str) -> bool` that returns True exactly when a response follows "
+                   "the constraint (standard library only), in one ```python code block. Then write test cases in "
+                   "one ```json block: a list of objects {{\"response\": \"...\", \"follows\": true or false}}, "
+                   "some that follow the constraint and some that do not.")
+TOO_FEW_CHECKERS = "too few checkers"
+_JSON_BLOCK = re.compile(r"```[ \t]*json[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = {"", "python", "py", "python3"}
 
@@ -82,19 +104,28 @@ def judge_solutions(replies: list[str], verdicts: list[bool], statuses: list[str
     return JudgedSolutions(passing, failing, len(replies), sum(verdicts), dict(sorted(Counter(statuses).items())))
 
 
+def demonstration_row(row_id: str, prompt: list[dict], reply: str, meta: dict) -> dict:
+    return {"id": row_id, "messages": prompt + [{"role": "assistant", "content": reply}], "source": "execution",
+            "meta": meta}
+
+
+def preference_row(row_id: str, prompt: list[dict], chosen: str, rejected: str, meta: dict) -> dict:
+    return {"id": row_id, "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "source": "execution", "meta": meta}
+
+
 def execution_rows(task: dict, tests: str, tests_source: str, judged: JudgedSolutions, model: str, seed: int
                    ) -> dict[str, list[dict]]:
     """The D, P, score and suspect-test rows of one task. Model-written tests that every solution fails
     are suspect: the task is recorded in `suspect_tests` and gives no pairs."""
-    prompt, source = task["messages"], "execution"
+    prompt = task["messages"]
     info = {"tests": tests_source, "samples": judged.samples, "passed": judged.passed_samples}
     meta = lambda **extra: task["meta"] | lineage("execution", model, seed, task["id"], **info, **extra)  # noqa: E731
     suspect = tests_source == "model" and judged.samples > 0 and judged.passed_samples == 0
-    demonstrations = [{"id": f"{task['id']}-c{i}", "messages": prompt + [{"role": "assistant", "content": reply}],
-                       "source": source, "meta": meta(verdict="passed")} for i, reply in enumerate(judged.passing)]
+    demonstrations = [demonstration_row(f"{task['id']}-c{i}", prompt, reply, meta(verdict="passed"))
+                      for i, reply in enumerate(judged.passing)]
     preferences = [] if suspect else [
-        {"id": f"{task['id']}-p{i}", "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-         "rejected": [{"role": "assistant", "content": rejected}], "source": source, "meta": meta()}
+        preference_row(f"{task['id']}-p{i}", prompt, chosen, rejected, meta())
         for i, (chosen, rejected) in enumerate(zip(judged.passing, judged.failing))]
     score = {"id": task["id"], "tests": tests_source, "samples": judged.samples, "passed": judged.passed_samples,
              "pass@1": judged.passed_samples / max(judged.samples, 1), "pass@k": float(judged.passed_samples > 0),
@@ -109,6 +140,102 @@ def task_tests(task: dict) -> str | None:
     """The tests a task brings (`meta.tests`, or a top-level `tests`), None when it brings none."""
     tests = task.get("tests", task["meta"].get("tests"))
     return tests if isinstance(tests, str) and tests.strip() else None
+
+
+def teacher_checker(reply: str) -> tuple[str | None, list[tuple[str, bool]]]:
+    """A teacher's checker (the reply's code, None without `def evaluate`) and its test cases (the last ```json
+    block: objects with a string `response` and a bool `follows`; other items are skipped). Parsed, never run."""
+    code = extract_code(reply)
+    items: object = []
+    if blocks := _JSON_BLOCK.findall(reply):
+        try:
+            items = json.loads(blocks[-1])
+        except (ValueError, RecursionError):
+            items = []
+    cases = [(item["response"], item["follows"]) for item in (items if isinstance(items, list) else [])
+             if isinstance(item, dict) and isinstance(item.get("response"), str)
+             and isinstance(item.get("follows"), bool)]
+    return (code if "def evaluate" in code else None), cases
+
+
+def normalised_source(code: str) -> str:
+    """What makes two checkers the same: their syntax tree, formatting and comments aside (parsed, not run)."""
+    try:
+        return ast.dump(ast.parse(code))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return " ".join(code.split())
+
+
+@dataclass
+class ConstraintChecks:
+    """One constraint's checkers as run: the trusted seed checker first (a seed kind's), then the teacher's
+    distinct ones; `cases` pools the seed kind's cases and the teacher's."""
+
+    constraint: Constraint
+    teacher: list[str] = field(default_factory=list)
+    cases: list[tuple[str, bool]] = field(default_factory=list)
+    written: int = 0
+
+    @property
+    def checkers(self) -> list[str]:
+        return ([self.constraint.checker] if self.constraint.checker else []) + self.teacher
+
+
+def constraint_checks(constraint: Constraint, replies: list[str]) -> ConstraintChecks:
+    """The constraint with the teacher's replies (checker + cases each) added, duplicate checkers dropped."""
+    checks = ConstraintChecks(constraint, cases=list(constraint.cases), written=len(replies))
+    seen = set()
+    for code, cases in map(teacher_checker, replies):
+        checks.cases += cases
+        if code is not None and (key := normalised_source(code)) not in seen:
+            seen.add(key)
+            checks.teacher.append(code)
+    return checks
+
+
+def cross_validate(checks: ConstraintChecks, case_verdicts: list[list[bool]], errors: list[str | None],
+                   min_accuracy: float) -> list[bool]:
+    """Which teacher checkers are kept: they ran without error and agree with >= `min_accuracy` of the cases.
+    For a seed kind, cases whose label its trusted checker contradicts are left out (the teacher's case is
+    wrong, not the checkers that disagree with it)."""
+    labels = [expected for _, expected in checks.cases]
+    seeded = checks.constraint.checker is not None
+    trusted = [k for k, label in enumerate(labels) if not seeded or case_verdicts[0][k] == label]
+    kept = []
+    for verdicts, error in list(zip(case_verdicts, errors))[int(seeded):]:
+        accuracy = sum(verdicts[k] == labels[k] for k in trusted) / len(trusted) if trusted else 0.0
+        kept.append(error is None and accuracy >= min_accuracy)
+    return kept
+
+
+def select_responses(replies: list[str], pass_rates: list[float], chosen_min_pass_rate: float
+                     ) -> tuple[list[tuple[str, float]], list[tuple[str, float, str]]]:
+    """D: replies passing every checker; P: (chosen, its pass rate, rejected) with chosen >= the minimum, best
+    first, and rejected passing none. Blank and repeated replies are dropped, order kept."""
+    unique: dict[str, tuple[str, float]] = {}
+    for reply, rate in zip(replies, pass_rates, strict=True):
+        if reply.strip() and reply.strip() not in unique:
+            unique[reply.strip()] = (reply, rate)
+    ordered = list(unique.values())
+    demonstrations = [(reply, rate) for reply, rate in ordered if rate == 1.0]
+    chosen = sorted([(reply, rate) for reply, rate in ordered if rate >= chosen_min_pass_rate], key=lambda c: -c[1])
+    rejected = [reply for reply, rate in ordered if rate == 0.0]
+    return demonstrations, [(c, rate, r) for (c, rate), r in zip(chosen, rejected)]
+
+
+def constrained_prompt(row: dict, constraints: list[Constraint]) -> list[dict]:
+    """The row's messages with the constraints' descriptions appended to the last user turn."""
+    last = row["messages"][-1]
+    text = last["content"] + "\n\n" + " ".join(c.description for c in constraints)
+    return row["messages"][:-1] + [last | {"content": text}]
+
+
+def row_constraints(row: dict, seed: int, count: int, kinds: list[str]) -> list[Constraint]:
+    """The row's own `meta.constraints`, else `count` drawn from `kinds` by (seed, row id): a resumed run
+    draws the same ones, whatever the shard size."""
+    if "constraints" in row["meta"]:
+        return constraints_from_specs(row["meta"]["constraints"])
+    return draw_constraints(random.Random(f"{seed}:{row['id']}"), count, kinds)
 
 
 class ExecutionStage(GeneratingStage):
@@ -126,6 +253,15 @@ class ExecutionStage(GeneratingStage):
         super().setup(side_inputs)
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
+        if self.recipe.kind == "instruction_following":
+            return self._process_instructions(rows, ctx)
+        return self._process_code(rows, ctx)
+
+    def _counted(self, jobs: int, started: float) -> None:
+        self.executions += jobs
+        self.sandbox_wall_s += time.monotonic() - started
+
+    def _process_code(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         recipe = self.recipe
         tests: list[str | None] = [task_tests(row) for row in rows]
         asked = [i for i, t in enumerate(tests) if t is None]
@@ -143,8 +279,7 @@ class ExecutionStage(GeneratingStage):
         start = time.monotonic()
         batch = run_many([solution_program(extract_code(reply), tests[i], marker) for i, reply in jobs],
                          workers=recipe.workers, timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb)
-        self.executions += len(jobs)
-        self.sandbox_wall_s += time.monotonic() - start
+        self._counted(len(jobs), start)
         results = iter(batch.results)
         outcomes: list[Outcome] = []
         for i, row in enumerate(rows):
@@ -157,17 +292,114 @@ class ExecutionStage(GeneratingStage):
             outcomes.append(execution_rows(row, tests[i], sources[i], judged, recipe.generation.model, ctx.seed))
         return outcomes
 
+    def _process_instructions(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
+        recipe = self.recipe
+        outcomes: list[Outcome | None] = [None] * len(rows)
+        constraints: dict[int, list[Constraint]] = {}
+        for i, row in enumerate(rows):
+            try:
+                constraints[i] = row_constraints(row, recipe.seed, recipe.constraints_per_prompt,
+                                                 recipe.constraint_kinds)
+            except ConstraintError as e:
+                outcomes[i] = Quarantined(str(e), row)
+        asks = [(i, j) for i in constraints for j in range(len(constraints[i]))]
+        written: dict[tuple[int, int], list[str]] = {}
+        if recipe.teacher_checkers and asks:
+            prompts = [[{"role": "user", "content": CHECKERS_PROMPT.format(
+                constraint=constraints[i][j].description)}] for i, j in asks]
+            for key, completions in zip(asks, self.sample_prompts(prompts, ctx, n=recipe.teacher_checkers)):
+                written[key] = [c.text for c in completions]
+        checks = {i: [constraint_checks(c, written.get((i, j), [])) for j, c in enumerate(cs)]
+                  for i, cs in constraints.items()}
+        prompts = {i: constrained_prompt(rows[i], constraints[i]) for i in constraints}
+        sampled = self.sample_prompts(list(prompts.values()), ctx) if prompts else []
+        replies = {i: [c.text for c in completions] for i, completions in zip(prompts, sampled)}
+        jobs = [([code for check in checks[i] for code in check.checkers],
+                 replies[i] + [text for check in checks[i] for text, _ in check.cases]) for i in constraints]
+        start = time.monotonic()
+        verdicts, _ = run_checkers(jobs, workers=recipe.workers, checker_timeout_s=recipe.timeout_s,
+                                   memory_mb=recipe.memory_mb)
+        self._counted(len(jobs), start)
+        for i, judged in zip(constraints, verdicts):
+            outcomes[i] = self._instruction_rows(rows[i], prompts[i], checks[i], replies[i], judged, ctx.seed)
+        return outcomes
+
+    def _instruction_rows(self, row: dict, prompt: list[dict], checks: list[ConstraintChecks], replies: list[str],
+                          judged: CheckerVerdicts, seed: int) -> Outcome:
+        """Cross-validate the teacher's checkers on the cases, then score the replies with the kept checkers."""
+        recipe, n = self.recipe, len(replies)
+        kept_rows: list[list[list[bool]]] = []  # per constraint, per kept checker: its verdicts on the replies
+        summaries = []
+        checker_row, case_column = 0, n
+        for j, check in enumerate(checks):
+            rows_of = range(checker_row, checker_row + len(check.checkers))
+            cases = slice(case_column, case_column + len(check.cases))
+            keep = cross_validate(check, [judged.verdicts[r][cases] for r in rows_of],
+                                  [judged.errors[r] for r in rows_of], recipe.checker_min_accuracy)
+            keep = [True] * (len(check.checkers) - len(check.teacher)) + keep
+            kept_rows.append([judged.verdicts[r][:n] for r, k in zip(rows_of, keep) if k])
+            teacher_kept = sum(keep) - (check.constraint.checker is not None)
+            if check.constraint.checker is None and teacher_kept < recipe.min_checkers:
+                return Quarantined(f"meta.constraints[{j}]: {TOO_FEW_CHECKERS}: {teacher_kept} distinct teacher "
+                                   f"checkers passed cross-validation, min_checkers is {recipe.min_checkers} "
+                                   f"({check.written} written, teacher_checkers {recipe.teacher_checkers})", row)
+            summaries.append({"kind": check.constraint.kind, "params": check.constraint.params,
+                              "checkers": sum(keep), "teacher_written": check.written,
+                              "teacher_distinct": len(check.teacher), "teacher_kept": teacher_kept,
+                              "cases": len(check.cases)})
+            checker_row, case_column = rows_of.stop, cases.stop
+        all_kept = [verdicts for per_constraint in kept_rows for verdicts in per_constraint]
+        pass_rates = [sum(v[r] for v in all_kept) / len(all_kept) for r in range(n)]
+        for summary, per_constraint in zip(summaries, kept_rows):
+            summary["followed"] = sum(all(v[r] for v in per_constraint) for r in range(n))
+        listed = [{"kind": c.constraint.kind, **c.constraint.params} for c in checks]
+        model = recipe.generation.model
+        meta = lambda **extra: row["meta"] | lineage("execution", model, seed, row["id"],  # noqa: E731
+                                                     kind="instruction_following", constraints=listed, **extra)
+        demonstrations, pairs = select_responses(replies, pass_rates, recipe.chosen_min_pass_rate)
+        score = {"id": row["id"], "constraints": summaries, "samples": n, "pass_rates": pass_rates,
+                 "followed_all": sum(rate == 1.0 for rate in pass_rates), "status": judged.status}
+        return {"demonstrations": [demonstration_row(f"{row['id']}-c{k}", prompt, reply, meta(pass_rate=rate))
+                                   for k, (reply, rate) in enumerate(demonstrations)],
+                "preferences": [preference_row(f"{row['id']}-p{k}", prompt, chosen, rejected,
+                                               meta(chosen_pass_rate=rate, rejected_pass_rate=0.0))
+                                for k, (chosen, rate, rejected) in enumerate(pairs)],
+                "scores": [score], "suspect_tests": []}
+
     def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
         scores = outputs["scores"]
         samples = sum(s["samples"] for s in scores)
         executions, wall = getattr(self, "executions", 0), getattr(self, "sandbox_wall_s", 0.0)
+        # this invocation only (a resumed run counts the shards it ran)
+        sandbox = {"sandbox_executions": executions, "sandbox_executions_per_s": executions / wall if wall > 0 else 0.0}
+        if self.recipe.kind == "instruction_following":
+            return {"execution": self._instruction_summary(scores, samples) | sandbox}
         return {"execution": {"kind": self.recipe.kind, "tasks": len(scores), "solutions_run": samples,
                               "pass_rate": sum(s["passed"] for s in scores) / samples if samples else 0.0,
                               "mean_pass@1": mean(s["pass@1"] for s in scores) if scores else 0.0,
                               "pass@k": mean(s["pass@k"] for s in scores) if scores else 0.0,
                               "k": self.recipe.generation.n,
                               "tests_from_model": sum(s["tests"] == "model" for s in scores),
-                              "suspect_tests": len(outputs["suspect_tests"]),
-                              # this invocation only (a resumed run counts the shards it ran)
-                              "sandbox_executions": executions,
-                              "sandbox_executions_per_s": executions / wall if wall > 0 else 0.0}}
+                              "suspect_tests": len(outputs["suspect_tests"])} | sandbox}
+
+    def _instruction_summary(self, scores: list[dict], samples: int) -> dict[str, Any]:
+        """Counts and rates from the score rows and the quarantine file, so a resumed run reports the whole run."""
+        by_kind: dict[str, list[int]] = {}
+        for score in scores:
+            for c in score["constraints"]:
+                followed_checked = by_kind.setdefault(c["kind"], [0, 0])
+                followed_checked[0] += c["followed"]
+                followed_checked[1] += score["samples"]
+        constraints = [c for s in scores for c in s["constraints"]]
+        quarantine = load_jsonl(Path(self.recipe.run_dir) / "quarantine.jsonl")
+        return {"kind": self.recipe.kind, "instructions": len(scores), "responses_checked": samples,
+                "k": self.recipe.generation.n,
+                "following_all_rate": sum(s["followed_all"] for s in scores) / samples if samples else 0.0,
+                "mean_pass_rate": sum(sum(s["pass_rates"]) for s in scores) / samples if samples else 0.0,
+                "pass_rate_by_kind": {kind: followed / checked if checked else 0.0
+                                      for kind, (followed, checked) in sorted(by_kind.items())},
+                "constraints": len(constraints),
+                "teacher_checkers_written": sum(c["teacher_written"] for c in constraints),
+                "teacher_checkers_kept": sum(c["teacher_kept"] for c in constraints),
+                "dropped_too_few_checkers": sum(q["stage"] == self.name and TOO_FEW_CHECKERS in q["reason"]
+                                                for q in quarantine)}

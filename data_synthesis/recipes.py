@@ -4,11 +4,13 @@ runs, also for stages whose implementation lands later. Common keys come from `S
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Literal
 
 from alignment.generation import GenerationSpec
 from alignment.stages import StageRecipe
+from reward.constraints import SEED_KINDS, draw_constraints
 
 
 @dataclass
@@ -81,20 +83,50 @@ class RejectionRecipe(StageRecipe):
 class ExecutionRecipe(StageRecipe):
     """code: inputs.tasks (prompts, tests in meta.tests or written by the teacher) -> solutions run with the
     tests in the sandbox, passing to D, passing vs failing to P (data_synthesis.execution).
-    instruction_following (constraint checkers) is not built yet."""
+    instruction_following: inputs.tasks (prompts, constraints in meta.constraints or drawn from the seed
+    kinds of reward.constraints) -> responses checked by constraint checkers in the sandbox, those passing
+    every checker to D, chosen (pass rate >= chosen_min_pass_rate) vs rejected (pass rate 0) to P. The fields
+    after `workers` apply to instruction_following only; set under kind code they are refused."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     kind: Literal["code", "instruction_following"] = "code"
-    timeout_s: float = 10.0  # per solution, wall clock and CPU seconds
-    memory_mb: int = 512  # per solution, address space
+    timeout_s: float = 10.0  # code: per solution; instruction_following: per checker over all its texts
+    memory_mb: int = 512  # per sandbox process, address space
     workers: int = 2  # sandboxes run at once (size it to the cores)
+    constraints_per_prompt: int = 2  # drawn per prompt without meta.constraints, from the seed and the row id
+    constraint_kinds: list[str] = field(default_factory=list)  # seed kinds to draw from; empty = all
+    teacher_checkers: int = 0  # checkers (with test cases) the teacher writes per constraint, AutoIF's way
+    checker_min_accuracy: float = 0.8  # a teacher checker's accuracy on the pooled cases to be kept
+    min_checkers: int = 3  # distinct kept teacher checkers a free-text constraint ({instruction: ...}) needs
+    chosen_min_pass_rate: float = 0.5  # a chosen response passes at least this share of the checkers
 
     def __post_init__(self) -> None:
-        if self.kind == "instruction_following":
-            raise ValueError("kind: 'instruction_following' is not built yet (only 'code' is)")
         for name in ("timeout_s", "memory_mb", "workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.kind == "code":
+            defaults = ExecutionRecipe.__dataclass_fields__
+            for name in ("constraints_per_prompt", "constraint_kinds", "teacher_checkers", "checker_min_accuracy",
+                         "min_checkers", "chosen_min_pass_rate"):
+                default = defaults[name].default_factory() if name == "constraint_kinds" else defaults[name].default
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: applies to kind instruction_following only, not code")
+            return
+        unknown = [k for k in self.constraint_kinds if k not in SEED_KINDS]
+        if unknown:
+            raise ValueError(f"constraint_kinds: unknown kind {unknown[0]!r} (known: {', '.join(SEED_KINDS)})")
+        if len(set(self.constraint_kinds)) != len(self.constraint_kinds):
+            raise ValueError("constraint_kinds: a kind is listed twice")
+        if self.constraints_per_prompt < 1:
+            raise ValueError(f"constraints_per_prompt: must be >= 1, got {self.constraints_per_prompt}")
+        draw_constraints(random.Random(0), self.constraints_per_prompt, self.constraint_kinds)  # raises if none go
+        if self.teacher_checkers < 0:
+            raise ValueError(f"teacher_checkers: must be >= 0, got {self.teacher_checkers}")
+        if self.min_checkers < 1:
+            raise ValueError(f"min_checkers: must be >= 1, got {self.min_checkers}")
+        for name in ("checker_min_accuracy", "chosen_min_pass_rate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be > 0 and <= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -158,8 +190,9 @@ class ConstitutionRecipe(StageRecipe):
 
 
 @dataclass
-class DecontamRecipe(StageRecipe):
-    """inputs.train against every other input (each one test set) -> the train rows with no test overlap."""
+class ContaminationRules(StageRecipe):
+    """The report's decontamination rules, shared by the stages that check rows against test sets
+    (data_synthesis.decontam); `strict_test_split` also lists the test items that share an n-gram with training."""
 
     ngram: int = 13
     lcs_min_tokens: int = 13
@@ -173,5 +206,35 @@ class DecontamRecipe(StageRecipe):
             raise ValueError(f"lcs_min_tokens: must be >= 1, got {self.lcs_min_tokens}")
         if not 0 < self.lcs_ratio <= 1:
             raise ValueError(f"lcs_ratio: must be > 0 and <= 1, got {self.lcs_ratio}")
+
+
+@dataclass
+class DecontamRecipe(ContaminationRules):
+    """inputs.train against every other input (each one test set) -> the train rows with no test overlap."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not set(self.inputs) - {"train"}:
             raise ValueError("inputs: no test set; every input besides train is one (inputs.gsm8k: data/gsm8k.jsonl)")
+
+
+@dataclass
+class AssembleRecipe(ContaminationRules):
+    """The D and P outputs of the finished synthesis runs in `runs` (run directories, or their demonstrations.jsonl /
+    preferences.jsonl) -> the training inputs, deduplicated by content and checked against every input (each one
+    test set); see data_synthesis.assemble."""
+
+    runs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from .assemble import SOURCES
+
+        super().__post_init__()
+        if not self.runs:
+            raise ValueError("runs: list the synthesis runs to merge (runs: [runs/tiny/rejection, ...])")
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError("runs: a run is listed twice")
+        if SOURCES in self.inputs:
+            raise ValueError(f"inputs.{SOURCES}: reserved for the runs' D and P files; name the test set otherwise")
+        if not self.inputs:
+            raise ValueError("inputs: no test set; every input is one (inputs.gsm8k: data/gsm8k.jsonl)")

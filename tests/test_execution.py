@@ -101,13 +101,13 @@ def test_model_tests_that_every_solution_fails_are_suspect_not_the_solutions():
     assert not mixed["suspect_tests"] and len(mixed["preferences"]) == 1
 
 
-def test_instruction_following_is_refused_and_the_stage_is_built(tmp_path):
+def test_the_stage_is_built_and_bad_code_recipes_are_refused(tmp_path):
     assert is_built("execution")
     data = yaml.safe_load(open("recipes/tiny/execution.yaml"))
     for preset in ("tiny", "qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         assert load_recipe(f"recipes/{preset}/execution.yaml").kind == "code"
     path = tmp_path / "execution.yaml"
-    for change, expected in (({"kind": "instruction_following"}, "kind: 'instruction_following' is not built yet"),
+    for change, expected in (({"teacher_checkers": 2}, "teacher_checkers: applies to kind instruction_following only"),
                              ({"workers": 0}, "workers: must be > 0")):
         path.write_text(yaml.safe_dump(data | change))
         with pytest.raises(RecipeError, match=expected) as e:
