@@ -8,7 +8,7 @@ RECIPE  ?= recipes/tiny
 SET     ?=
 MOE     ?= tiny-moe
 STAGES  := generate instag select evolve responses annotate rejection execution repurpose constitution decontam \
-           sft rm dpo online-dpo
+           assemble sft rm dpo online-dpo
 
 .PHONY: install test test-slow demo init upcycle check bench gpu-check clean $(STAGES)
 

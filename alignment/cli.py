@@ -117,6 +117,24 @@ def _run_push(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a finished assemble run (e.g. runs/tiny/assemble)")
+    p.add_argument("--repo", required=True, help="Hub data set id, e.g. my-org/qwen2-7b-sft-data")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
+    p.add_argument("--out", default=None, help="where to write that folder (default RUN/hub-data)")
+    p.add_argument("--license", default="apache-2.0")
+
+
+def _run_push_data(a: argparse.Namespace) -> int:
+    from .hub import push_data
+
+    folder = push_data(a.run, a.repo, private=a.private, dry_run=a.dry_run, out=a.out, license=a.license)
+    files = ", ".join(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()))
+    print(f"{'would upload' if a.dry_run else 'uploaded'} {folder} to the data set {a.repo}: {files}")
+    return 0
+
+
 _MOE_SHAPE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
@@ -205,6 +223,8 @@ COMMANDS: dict[str, Command] = {
                 _add_upcycle, _run_upcycle),
     "plan": ("parameter count and memory per GPU for a recipe", _add_plan, _run_plan),
     "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _run_push),
+    "push-data": ("push an assemble run's D and P as a Hub data set (parquet splits, card)", _add_push_data,
+                  _run_push_data),
     "demo": ("the whole pipeline on the tiny default", None, _run_demo),
 }
 

@@ -34,7 +34,7 @@ STAGES: dict[str, StageSpec] = {
     "annotate": StageSpec("ranking web app: annotators order responses (SQLite)", "data_synthesis.recipes:AnnotateRecipe"),
     "rejection": StageSpec("rejection sampling for math: correct paths to D, correct vs wrong to P",
                            "data_synthesis.recipes:RejectionRecipe", "data_synthesis.rejection:RejectionStage"),
-    "execution": StageSpec("execution feedback: code run against tests in a sandbox (kind code)",
+    "execution": StageSpec("execution feedback in a sandbox: code against tests, responses against constraint checkers",
                            "data_synthesis.recipes:ExecutionRecipe", "data_synthesis.execution:ExecutionStage"),
     "repurpose": StageSpec("data repurposing: literature and role-play into instructions",
                            "data_synthesis.recipes:RepurposeRecipe", "data_synthesis.repurpose:RepurposeStage"),
@@ -43,6 +43,8 @@ STAGES: dict[str, StageSpec] = {
                               "data_synthesis.constitution:ConstitutionStage"),
     "decontam": StageSpec("decontamination against test sets (13-gram, LCS)", "data_synthesis.recipes:DecontamRecipe",
                           "data_synthesis.decontam:DecontamStage"),
+    "assemble": StageSpec("merge synthesis runs' D and P: dedup by content, decontaminated, lineage kept",
+                          "data_synthesis.recipes:AssembleRecipe", "data_synthesis.assemble:AssembleStage"),
     "sft": StageSpec("supervised fine-tuning on D (TRL SFTTrainer)", "alignment.train.recipes:SFTRecipe",
                      "alignment.train.sft:run_sft"),
     "rm": StageSpec("reward model on P (TRL RewardTrainer)", "alignment.train.recipes:RewardRecipe",
@@ -50,7 +52,7 @@ STAGES: dict[str, StageSpec] = {
     "dpo": StageSpec("offline DPO on P (TRL DPOTrainer)", "alignment.train.recipes:DPORecipe",
                      "alignment.train.dpo:run_dpo"),
     "online-dpo": StageSpec("online DPO with the online merging optimizer (OnDARE / OnTIES)",
-                            "alignment.train.recipes:OnlineDPORecipe"),
+                            "alignment.train.recipes:OnlineDPORecipe", "alignment.pipeline:run_online_dpo"),
 }
 
 
@@ -93,6 +95,15 @@ def run_reward_model(recipe: Any) -> Any:
     from .train.reward import run_rm
 
     return run_rm(recipe, RewardModel)
+
+
+def run_online_dpo(recipe: Any) -> Any:
+    """The online DPO stage, with the reward model that picks best and worst."""
+    from reward.model import RewardModel
+
+    from .train.online_dpo import run_online_dpo as run
+
+    return run(recipe, RewardModel)
 
 
 def is_built(name: str) -> bool:

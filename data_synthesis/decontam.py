@@ -43,7 +43,7 @@ import numpy as np
 from alignment.data import DataInput, Quarantined, as_sources, write_rows
 from alignment.stages import Outcome, ShardContext, Stage
 
-from .recipes import DecontamRecipe
+from .recipes import ContaminationRules, DecontamRecipe
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, CJK ideographs (+ ext. A, compatibility)
 _TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
@@ -316,11 +316,11 @@ def ngram_overlapping_test_items(train: list[str], test: list[str], ngram: int =
     return [i for i, hit in enumerate(hits) if hit is not None]
 
 
-def with_lineage(row: dict, stage: str) -> dict:
+def with_lineage(row: dict, stage: str, **provenance: Any) -> dict:
     """The row unchanged but for its lineage: this stage passed it on (`meta.lineage`, the shape the
-    other stages write), the lineage it came with kept under `previous`."""
+    other stages write, with `provenance` added), the lineage it came with kept under `previous`."""
     meta = row.get("meta", {})
-    lineage = {"stage": stage, "parent_id": row["id"]}
+    lineage = {"stage": stage, "parent_id": row["id"], **provenance}
     if "lineage" in meta:
         lineage["previous"] = meta["lineage"]
     return {**row, "meta": {**meta, "lineage": lineage}}
@@ -340,6 +340,64 @@ def _source_label(data: DataInput) -> str:
     return " + ".join(str(source) for source in as_sources(data))
 
 
+def item_text(row: dict) -> str:
+    """What a test item says: every string field but id, source and meta. A benchmark row's `prompt` is only part
+    of it (HumanEval: prompt, canonical_solution, test), so row_text's choice of content fields does not apply."""
+    return "\n".join(s for k, v in row.items() if k not in _NOT_TEXT for s in _strings(v))
+
+
+def _test_items(test_sets: dict[str, list[dict]]) -> list[tuple[str, int, dict]]:
+    """(test set, index in it, row) of every test item, test sets in recipe order."""
+    return [(name, i, row) for name, rows in test_sets.items() for i, row in enumerate(rows)]
+
+
+def _reference(recipe: ContaminationRules, item: tuple[str, int, dict]) -> dict:
+    """Where a test item is: its test set, that set's files, its index there and its id."""
+    test_set, index, row = item
+    return {"test_set": test_set, "test_file": _source_label(recipe.inputs[test_set]), "test_index": index,
+            "test_id": row.get("id")}
+
+
+class ContaminationCheck:
+    """A recipe's test sets indexed once for both rules, for the stages that check training rows against them
+    (decontam, assemble). A row matching several is charged to the first match: any n-gram hit before an LCS hit,
+    then the earliest test set in recipe order, then the lowest index."""
+
+    def __init__(self, recipe: ContaminationRules, test_sets: dict[str, list[dict]]):
+        self.recipe = recipe
+        self.items = _test_items(test_sets)
+        self.index = ContaminationIndex([item_text(row) for _, _, row in self.items], ngram=recipe.ngram,
+                                        lcs_min_tokens=recipe.lcs_min_tokens, lcs_ratio=recipe.lcs_ratio)
+
+    def matches(self, rows: list[dict]) -> list[dict | None]:
+        """Per row: None if clean, else {rule, test_set, test_file, test_index, test_id} of the item it overlaps."""
+        return [None if hit is None else {"rule": hit["rule"], **_reference(self.recipe, self.items[hit["test_index"]])}
+                for hit in self.index.check([row_text(row) for row in rows])]
+
+
+def contamination_counts(recipe: ContaminationRules, test_sets: dict[str, list[dict]], contaminated: list[dict]
+                    ) -> dict[str, dict]:
+    """The manifest's `test_sets`: per test set its files, rows and the training rows charged to it per rule (from
+    the contaminated records, {rule, test_set, row, ...}). With `strict_test_split` also the test items sharing an
+    n-gram with training, written to run_dir/test_overlap.jsonl."""
+    counts = {name: {"test_file": _source_label(recipe.inputs[name]), "test_rows": len(rows),
+                     "contaminated_train_rows": {"ngram": 0, "lcs": 0}} for name, rows in test_sets.items()}
+    for record in contaminated:
+        counts[record["test_set"]]["contaminated_train_rows"][record["rule"]] += 1
+    if recipe.strict_test_split:
+        # Clean rows and LCS-rule rows share no n-gram with any test item, so the n-gram rows are all it takes.
+        train = [row_text(r["row"]) for r in contaminated if r["rule"] == "ngram"]
+        items = _test_items(test_sets)
+        overlapping = ngram_overlapping_test_items(train, [item_text(row) for _, _, row in items], recipe.ngram)
+        for name in counts:
+            counts[name]["test_items_sharing_ngram"] = 0
+        for item in overlapping:
+            counts[items[item][0]]["test_items_sharing_ngram"] += 1
+        write_rows(Path(recipe.run_dir) / "test_overlap.jsonl",
+                   [{**_reference(recipe, items[i]), "row": items[i][2]} for i in overlapping])
+    return counts
+
+
 class DecontamStage(Stage):
     """inputs.train (rows of any kind) against every other input, each one test set (a benchmark):
 
@@ -350,10 +408,9 @@ class DecontamStage(Stage):
 
     outputs: `clean.jsonl` (the rows, with their lineage in meta) and `contaminated.jsonl` ({id, rule,
     test_set, test_file, test_index, test_id, row}; test_index counts the rows read from that test
-    set, from 0). A row matching several test sets is charged to the first match: any n-gram hit
-    before an LCS hit, then the earliest test set in recipe order, then the lowest index. The
-    manifest's `test_sets` counts contaminated rows per test set and rule; `strict_test_split`
-    also writes `test_overlap.jsonl`, the test items sharing an n-gram with the training rows.
+    set, from 0); a row matching several test sets is charged as `ContaminationCheck` says. The manifest's
+    `test_sets` counts contaminated rows per test set and rule; `strict_test_split` also writes
+    `test_overlap.jsonl`, the test items sharing an n-gram with the training rows.
     """
 
     name = "decontam"
@@ -365,52 +422,23 @@ class DecontamStage(Stage):
         super().__init__(recipe)
         self.inputs = {"train": "any", **{name: "any" for name in recipe.inputs if name != "train"}}
 
-    @staticmethod
-    def _test_items(side_inputs: dict[str, list[dict]]) -> list[tuple[str, int, dict]]:
-        """(test set, index in it, row) of every test item, test sets in recipe order."""
-        return [(name, i, row) for name, rows in side_inputs.items() for i, row in enumerate(rows)]
-
     def setup(self, side_inputs: dict[str, list[dict]]) -> None:
-        self.test_items = self._test_items(side_inputs)
-        self.index = ContaminationIndex([row_text(row) for _, _, row in self.test_items], ngram=self.recipe.ngram,
-                                        lcs_min_tokens=self.recipe.lcs_min_tokens, lcs_ratio=self.recipe.lcs_ratio)
-
-    def _reference(self, item: tuple[str, int, dict]) -> dict:
-        """Where a test item is: its test set, that set's files, its index there and its id."""
-        test_set, index, row = item
-        return {"test_set": test_set, "test_file": _source_label(self.recipe.inputs[test_set]), "test_index": index,
-                "test_id": row.get("id")}
+        self.check = ContaminationCheck(self.recipe, side_inputs)
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         problems = [_row_problem(row) for row in rows]
-        hits = iter(self.index.check([row_text(row) for row, problem in zip(rows, problems) if problem is None]))
+        matches = iter(self.check.matches([row for row, problem in zip(rows, problems) if problem is None]))
         outcomes: list[Outcome] = []
         for row, problem in zip(rows, problems):
             if problem:
                 outcomes.append(Quarantined(problem, row))
                 continue
-            hit = next(hits)
-            if hit is None:
+            match = next(matches)
+            if match is None:
                 outcomes.append({"clean": [with_lineage(row, self.name)]})
             else:
-                outcomes.append({"contaminated": [{"id": row["id"], "rule": hit["rule"],
-                                                   **self._reference(self.test_items[hit["test_index"]]), "row": row}]})
+                outcomes.append({"contaminated": [{"id": row["id"], **match, "row": row}]})
         return outcomes
 
     def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
-        counts = {name: {"test_file": _source_label(self.recipe.inputs[name]), "test_rows": len(rows),
-                         "contaminated_train_rows": {"ngram": 0, "lcs": 0}} for name, rows in side_inputs.items()}
-        for record in outputs["contaminated"]:
-            counts[record["test_set"]]["contaminated_train_rows"][record["rule"]] += 1
-        if self.recipe.strict_test_split:
-            # Clean rows and LCS-rule rows share no n-gram with any test item, so the n-gram rows are all it takes.
-            train = [row_text(r["row"]) for r in outputs["contaminated"] if r["rule"] == "ngram"]
-            items = self._test_items(side_inputs)
-            overlapping = ngram_overlapping_test_items(train, [row_text(row) for _, _, row in items], self.recipe.ngram)
-            for name in counts:
-                counts[name]["test_items_sharing_ngram"] = 0
-            for item in overlapping:
-                counts[items[item][0]]["test_items_sharing_ngram"] += 1
-            write_rows(Path(self.recipe.run_dir) / "test_overlap.jsonl",
-                       [{**self._reference(items[i]), "row": items[i][2]} for i in overlapping])
-        return {"test_sets": counts}
+        return {"test_sets": contamination_counts(self.recipe, side_inputs, outputs["contaminated"])}

@@ -22,8 +22,8 @@ def test_help_lists_every_stage_and_command():
 
 
 def test_unbuilt_stage_validates_its_recipe_then_says_so(capsys):
-    assert main(["online-dpo", "--recipe", str(RECIPES / "tiny" / "online-dpo.yaml")]) == 2
-    assert "is valid, but stage 'online-dpo' is not built yet" in capsys.readouterr().err
+    assert main(["instag", "--recipe", str(RECIPES / "tiny" / "instag.yaml")]) == 2
+    assert "is valid, but stage 'instag' is not built yet" in capsys.readouterr().err
 
 
 def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):
