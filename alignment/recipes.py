@@ -145,7 +145,7 @@ def build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     except (ValueError, TypeError) as e:
         message = str(e).splitlines()[0]
         name, sep, reason = message.partition(": ")
-        if sep and name in values:  # a check in __post_init__ that names its field
+        if sep and name in {f.name for f in dataclasses.fields(cls)}:  # a check in __post_init__ naming its field
             raise _fail(where, f"{prefix}{name}", reason) from None
         raise _fail(where, prefix.rstrip("."), message) from None
 

@@ -82,3 +82,20 @@ def test_bf16_gradients_of_confident_tokens_are_as_good_as_stock(median_p, ours,
         ours_error, stock_error = _relative_error(got, exact), _relative_error(reference, exact)
         assert ours_error <= 1.5 * stock_error, f"{name}: ours {ours_error:.4f} vs stock bf16 {stock_error:.4f}"
         assert ours_error < 0.1, f"{name}: relative error {ours_error:.4f}"
+
+
+def test_scoring_under_inference_mode_then_training_reuses_no_inference_buffer():
+    """Online DPO scores samples under `torch.inference_mode`, then trains: the CPU scratch buffers made while
+    scoring cannot be written outside it, so training must not reuse them (it raised before)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(6, 16, generator=generator), torch.randn(50, 16, generator=generator)
+    labels = torch.randint(0, 50, (6,), generator=generator)
+    with torch.inference_mode():
+        scored = token_logprobs(hidden, weight, labels)
+    trained_weight = weight.clone().requires_grad_(True)
+    logprobs = token_logprobs(hidden, trained_weight, labels)
+    logprobs.sum().backward()
+    expected = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.detach().double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scored.double(), expected, rtol=0, atol=1e-5)
+    assert trained_weight.grad is not None and trained_weight.grad.abs().sum() > 0

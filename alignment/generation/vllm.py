@@ -60,6 +60,12 @@ class VLLMGenerator(Generator):
             for out in outs
         ]
 
+    def load_weights(self, path: str) -> None:
+        """A checkpoint of the same architecture (the next policy of online DPO) read into the running engine in
+        place, with no restart; cached prompt prefixes computed with the old weights are dropped."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
         if self.llm is not None:

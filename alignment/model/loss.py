@@ -38,11 +38,14 @@ _workspace: dict[tuple, torch.Tensor] = {}
 
 
 def _buffer(slot: int, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [rows, vocab] scratch buffer, reused across calls on CPU (fresh pages cost more than the matmul)."""
+    """A [rows, vocab] scratch buffer, reused across calls on CPU (fresh pages cost more than the matmul).
+    One made under `torch.inference_mode` cannot be written outside it (scoring, then training): it is
+    made again."""
     if device.type != "cpu":
         return torch.empty(rows, vocab, dtype=dtype, device=device)
     key = (slot, vocab, dtype)
-    if key not in _workspace or _workspace[key].shape[0] < rows:
+    stale = key in _workspace and _workspace[key].is_inference() and not torch.is_inference_mode_enabled()
+    if key not in _workspace or _workspace[key].shape[0] < rows or stale:
         _workspace[key] = torch.empty(CHUNK_ROWS if rows > CACHE_ROWS else CACHE_ROWS, vocab, dtype=dtype)
     return _workspace[key][:rows]
 

@@ -91,19 +91,54 @@ class DPORecipe(TrainRecipe):
 
 @dataclass
 class MergingSpec:
-    """The online merging optimizer (Lu et al. 2024) that limits the alignment tax."""
+    """The online merging optimizer (Lu et al. 2024, alignment.optim) that limits the alignment tax:
+    tau = reference (the SFT model) - base_model is mixed into every update."""
 
-    method: Literal["ondare", "onties", "none"] = "ondare"
+    method: Literal["ondare", "onties", "none"] = "ondare"  # none: TRL's AdamW
     base_model: str | None = None  # theta_b; the pre-trained model before SFT
-    reserve_rate: float = 0.01  # p
-    alpha: float = 1e-6
+    reserve_rate: float = 0.01  # p: the share of entries F_p keeps
+    alpha: float = 1e-6  # tau's weight in each merged update
+    rescale: bool = False  # kept entries times 1/p (the public code) or not (the paper)
+    tau_mask: Literal["step", "fixed"] = "step"  # OnDARE: draw tau's mask every step (paper) or once (sparse)
+    merge_every: int = 1  # merge on every k-th step, plain AdamW on the others
+
+    def __post_init__(self) -> None:
+        if self.method != "none" and not self.base_model:
+            raise ValueError(f"base_model: required with method {self.method!r} (tau = reference - base_model)")
+        if not 0 < self.reserve_rate <= 1:
+            raise ValueError(f"reserve_rate: must be in (0, 1], got {self.reserve_rate}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.merge_every < 1:
+            raise ValueError(f"merge_every: must be >= 1, got {self.merge_every}")
 
 
 @dataclass
 class OnlineDPORecipe(DPORecipe):
+    """inputs.prompts -> episodes of: samples from the policy, best vs worst by the reward model, DPO on the
+    pairs (alignment.train.online_dpo). `reference` (default: `model`) is DPO's reference and tau's SFT end."""
+
     reward_model: str = ""  # scores samples; best and worst form a pair
     prompts_per_episode: int = 64
     samples_per_prompt: int = 4
     episodes: int = 1
-    generation: GenerationSpec = field(default_factory=GenerationSpec)  # how the policy samples
+    min_reward_margin: float = 0.0  # pairs whose best - worst reward is not above it are dropped
+    reference_policy: Literal["initial", "previous"] = "initial"  # DPO's reference: `reference`, or last episode's
+    eval_prompts: int = 16  # held out from inputs.prompts: reward, win rate and KL after every episode
+    generation: GenerationSpec = field(default_factory=GenerationSpec)  # how the policy samples (model: unused)
     merging: MergingSpec = field(default_factory=MergingSpec)
+
+    def __post_init__(self) -> None:
+        if not self.reward_model:
+            raise ValueError("reward_model: required (a reward-model run dir, e.g. runs/tiny/rm)")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt: must be >= 2 (best and worst of them), got {self.samples_per_prompt}")
+        for name in ("prompts_per_episode", "episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_prompts < 0:
+            raise ValueError(f"eval_prompts: must be >= 0, got {self.eval_prompts}")
+        if self.generation.backend == "openai":
+            raise ValueError("generation.backend: online DPO samples from the policy it trains: transformers or vllm")
+        if self.lora is not None and self.merging.method != "none":
+            raise ValueError("merging.method: the merging optimizers merge whole weights; with lora use none")

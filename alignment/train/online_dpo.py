@@ -1,0 +1,325 @@
+"""Online DPO: each episode samples `samples_per_prompt` responses per prompt from the current policy, the
+reward model scores them, the best and the worst become a pair (a pair whose reward margin is not above
+`min_reward_margin` is dropped: a tie teaches nothing), and DPO trains on the pairs with TRL's DPOTrainer
+and the recipe's optimizer: AdamW, or an online merging optimizer (`merging.method`: ondare / onties,
+alignment.optim) that mixes each update with tau = reference - base.
+
+    run_dir/episode-000/metrics.json   the starting policy evaluated on the held-out prompts
+    run_dir/episode-001/samples.jsonl  prompts, responses and rewards (generation.json: their token count and rate)
+    run_dir/episode-001/pairs.jsonl    best vs worst
+    run_dir/episode-001/model/         the policy after the episode (only the latest one is kept)
+    run_dir/episode-001/metrics.json   written last: the episode is done and is never redone
+    run_dir/                           the final policy, metrics.json, curves.png, manifest.json
+
+After each episode the policy is evaluated on held-out prompts (`eval_prompts` of them): the mean reward of
+one sample each, the win rate against the reference model's samples judged by the reward model (ties count
+half), and KL(policy || reference) estimated on the policy's samples as the mean of
+log p_policy(y) - log p_reference(y). The transformers backend loads each episode's policy from its saved
+folder, so a resumed run samples exactly what an uninterrupted one does; vLLM keeps one engine and receives
+the new weights in place (`VLLMGenerator.load_weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import DPOConfig
+
+from ..atomic import atomic_write_text
+from ..checkpoint import DTYPES
+from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
+from ..generation import Completion, make_generator
+from ..optim import MERGING_OPTIMIZERS
+from ..stages import RunStart, StageError, begin_run, write_manifest
+from ..tokenizer import load_tokenizer
+from .common import compute_dtype, load_frozen_model, load_trained_model, plot_history, save_model, train, trl_config
+from .dpo import Qwen2DPOTrainer, completion_logprobs
+from .recipes import MergingSpec, OnlineDPORecipe
+
+EVAL_SEED = 10_007  # held-out samples are drawn with seed + this, apart from the episodes' samples
+
+
+class MergingDPOTrainer(Qwen2DPOTrainer):
+    """Our DPO trainer whose optimizer is the recipe's online merging optimizer; the parameter groups
+    (weight decay on all but biases and norms) are the Trainer's own."""
+
+    def __init__(self, *args, merging: MergingSpec, tau_reference: str, **kwargs):
+        self.merging, self.tau_reference = merging, tau_reference
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.merging.method == "none":
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [{"params": [(n, p) for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                      {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0}]
+            merging = self.merging
+            self.optimizer = MERGING_OPTIMIZERS[merging.method](
+                [g for g in groups if g["params"]], merging.base_model, self.tau_reference,
+                lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon, reserve_rate=merging.reserve_rate, alpha=merging.alpha,
+                rescale=merging.rescale, merge_every=merging.merge_every, tau_mask=merging.tau_mask,
+                seed=self.args.seed)
+        return self.optimizer
+
+
+def best_and_worst(rewards: list[float], texts: list[str], min_margin: float) -> tuple[int, int] | None:
+    """Indices of the highest- and lowest-rewarded responses (ties to the earlier sample), or None when the
+    margin is not above `min_margin` or both say the same."""
+    best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+    worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
+    if rewards[best] - rewards[worst] <= min_margin or texts[best].strip() == texts[worst].strip():
+        return None
+    return best, worst
+
+
+def episode_prompts(prompts: list[dict], recipe: OnlineDPORecipe, episode: int) -> list[dict]:
+    """The episode's prompts: a seeded draw without repeats (every prompt when there are fewer)."""
+    count = min(recipe.prompts_per_episode, len(prompts))
+    return random.Random(f"{recipe.seed}:{episode}").sample(prompts, count)
+
+
+def _reply(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+class PolicySampler:
+    """Samples from the current policy: transformers loads the episode's saved policy; vLLM keeps its engine
+    and receives the new weights in place."""
+
+    def __init__(self, recipe: OnlineDPORecipe, policy: str):
+        self.recipe, self.policy, self.generator = recipe, policy, None
+
+    def use(self, policy: str) -> None:
+        if policy == self.policy:
+            return
+        if self.generator is not None and self.recipe.generation.backend == "vllm":
+            self.generator.load_weights(policy)
+        elif self.generator is not None:
+            self.generator.close()
+            self.generator = None
+        self.policy = policy
+
+    def sample(self, prompts: list[list[dict]], n: int, seed: int) -> tuple[list[list[Completion]], float]:
+        """n completions per prompt and the seconds generation took."""
+        if self.generator is None:
+            self.generator = make_generator(replace(self.recipe.generation, model=self.policy))
+        start = time.perf_counter()
+        completions = self.generator.generate(prompts, self.recipe.generation.sampling(seed=seed, n=n))
+        return completions, time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
+            self.generator = None
+
+
+class OnlineDPO:
+    """One run: episodes of sample -> score -> pair -> DPO, each finished episode kept on disk."""
+
+    def __init__(self, recipe: OnlineDPORecipe, run: RunStart, scorer_class: type):
+        self.recipe, self.run, self.run_dir = recipe, run, run.run_dir
+        self.reference = recipe.reference or recipe.model  # the SFT model: DPO's reference and tau's end
+        try:
+            read = read_rows(recipe.inputs["prompts"], "prompt")
+        except DataError as e:
+            raise StageError(f"online-dpo: {e}") from None
+        atomic_write_text(self.run_dir / "quarantine.jsonl", to_jsonl([q.record() for q in read.quarantined]))
+        rows = read.rows
+        held = set(random.Random(recipe.seed).sample(range(len(rows)), min(recipe.eval_prompts, len(rows) - 1)))
+        self.eval_rows = [r for i, r in enumerate(rows) if i in held]
+        self.train_rows = [r for i, r in enumerate(rows) if i not in held]
+        if not self.train_rows:
+            raise StageError("online-dpo: inputs.prompts: no valid prompt rows to train on "
+                             f"({len(read.quarantined)} quarantined, see {self.run_dir / 'quarantine.jsonl'})")
+        self.counts = {"prompts_in": read.read, "quarantined": len(read.quarantined),
+                       "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows)}
+        self.tokenizer = load_tokenizer(recipe.model)
+        dtype = DTYPES[compute_dtype(recipe)]
+        self.scorer = scorer_class(recipe.reward_model, dtype=dtype)
+
+    def episode_dir(self, episode: int) -> Path:
+        return self.run_dir / f"episode-{episode:03d}"
+
+    def policy_after(self, episode: int) -> str:
+        return self.recipe.model if episode == 0 else str(self.episode_dir(episode) / "model")
+
+    def finished(self, episode: int) -> dict | None:
+        path = self.episode_dir(episode) / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def rewards(self, prompts: list[list[dict]], texts: list[str]) -> list[float]:
+        return self.scorer([p + _reply(t) for p, t in zip(prompts, texts)])
+
+    def reference_samples(self) -> list[str]:
+        """One sample of the reference model per held-out prompt (drawn once, kept in the run dir)."""
+        path = self.run_dir / "reference_samples.jsonl"
+        if path.exists():
+            return [r["response"] for r in load_jsonl(path)]
+        spec = replace(self.recipe.generation, backend="transformers", model=self.reference)
+        with make_generator(spec) as generator:
+            completions = generator.generate([r["messages"] for r in self.eval_rows],
+                                             spec.sampling(seed=self.recipe.seed + EVAL_SEED, n=1))
+        texts = [c[0].text for c in completions]
+        atomic_write_text(path, to_jsonl([{"id": r["id"], "response": t} for r, t in zip(self.eval_rows, texts)]))
+        return texts
+
+    def evaluate(self, sampler: PolicySampler, policy: str) -> dict[str, float]:
+        """Mean reward, win rate against the reference's samples, and KL to the reference, on held-out prompts."""
+        if not self.eval_rows:
+            return {}
+        prompts = [r["messages"] for r in self.eval_rows]
+        sampler.use(policy)
+        completions, _ = sampler.sample(prompts, 1, self.recipe.seed + EVAL_SEED)
+        texts = [c[0].text for c in completions]
+        rewards = self.rewards(prompts, texts)
+        reference_rewards = self.rewards(prompts, self.reference_samples())
+        wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(rewards, reference_rewards)]
+        replies = [_reply(t) for t in texts]
+        policy_logp = completion_logprobs(load_frozen_model(policy, self.recipe), self.tokenizer, prompts, replies)
+        reference_logp = completion_logprobs(load_frozen_model(self.reference, self.recipe), self.tokenizer,
+                                             prompts, replies)
+        return {"eval_reward_mean": sum(rewards) / len(rewards), "win_rate_vs_reference": sum(wins) / len(wins),
+                "kl_to_reference": sum(p - q for p, q in zip(policy_logp, reference_logp)) / len(texts)}
+
+    def sample_and_pair(self, sampler: PolicySampler, episode: int) -> tuple[list[dict], list[dict], dict]:
+        """The episode's samples with their rewards (kept on disk, so a resumed episode does not sample
+        again) and the best-vs-worst pairs made from them."""
+        recipe, directory = self.recipe, self.episode_dir(episode)
+        path, timing_path = directory / "samples.jsonl", directory / "generation.json"
+        if path.exists():
+            samples = load_jsonl(path)
+        else:
+            rows = episode_prompts(self.train_rows, recipe, episode)
+            prompts = [r["messages"] for r in rows]
+            completions, seconds = sampler.sample(prompts, recipe.samples_per_prompt, recipe.seed + episode)
+            flat = [(p, c.text) for p, cs in zip(prompts, completions) for c in cs]
+            rewards = iter(self.rewards([p for p, _ in flat], [t for _, t in flat]))
+            samples = [{"id": r["id"], "prompt": r["messages"], "responses": [c.text for c in cs],
+                        "rewards": [next(rewards) for _ in cs]} for r, cs in zip(rows, completions)]
+            tokens = sum(c.num_tokens for cs in completions for c in cs)
+            timing = {"generation_tokens": tokens, "generation_tokens_per_s": tokens / seconds if seconds else 0.0}
+            atomic_write_text(timing_path, json.dumps(timing) + "\n")
+            atomic_write_text(path, to_jsonl(samples))
+        timing = json.loads(timing_path.read_text())
+        pairs = []
+        for sample in samples:
+            chosen = best_and_worst(sample["rewards"], sample["responses"], recipe.min_reward_margin)
+            if chosen is not None:
+                best, worst = chosen
+                pairs.append({"id": f"{sample['id']}-e{episode}", "prompt": sample["prompt"],
+                              "chosen": _reply(sample["responses"][best]),
+                              "rejected": _reply(sample["responses"][worst]), "source": "online-dpo",
+                              "meta": {"episode": episode, "reward_chosen": sample["rewards"][best],
+                                       "reward_rejected": sample["rewards"][worst]}})
+        atomic_write_text(directory / "pairs.jsonl", to_jsonl(pairs))
+        rewards = [r for s in samples for r in s["rewards"]]
+        margins = [p["meta"]["reward_chosen"] - p["meta"]["reward_rejected"] for p in pairs]
+        stats = {"samples": len(rewards), "sample_reward_mean": sum(rewards) / len(rewards),
+                 "sample_reward_max": max(rewards), "pairs_kept": len(pairs), "pairs_dropped": len(samples) - len(pairs),
+                 "pair_margin_mean": sum(margins) / len(margins) if margins else 0.0, **timing}
+        return samples, pairs, stats
+
+    def train_episode(self, episode: int, pairs: list[dict]) -> dict[str, Any]:
+        """DPO on the episode's pairs, from the previous policy; the policy is saved to episode-NNN/model."""
+        recipe, directory = self.recipe, self.episode_dir(episode)
+        reference = self.reference if recipe.reference_policy == "initial" else self.policy_after(episode - 1)
+        step = replace(recipe, model=self.policy_after(episode - 1), reference=reference,
+                       run_dir=str(directory / "trainer"))
+        trainer = MergingDPOTrainer(
+            model=load_trained_model(step), ref_model=load_frozen_model(reference, step),
+            args=trl_config(step, DPOConfig), train_dataset=trl_dataset(pairs, "preference"),
+            processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
+        metrics = train(trainer, step)
+        save_model(trainer, step, replace(self.run, run_dir=directory / "model"))
+        shutil.rmtree(directory / "trainer", ignore_errors=True)  # checkpoints of a finished episode
+        texts = [self.tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
+                 for p in pairs for side in ("chosen", "rejected")]
+        tokens = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"])) \
+            * trainer.args.num_train_epochs
+        runtime = metrics["train_runtime_s"]
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return {"optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__, "dpo_loss_first": losses[0] if losses else None, "dpo_loss_last": losses[-1] if losses else None,
+                "train_steps": trainer.state.global_step, "train_tokens_per_s": tokens / runtime if runtime else 0.0}
+
+    def forget_old_policies(self, latest: int) -> None:
+        """Only the latest finished episode's policy is needed to go on (and is the result)."""
+        for episode in range(1, latest):
+            shutil.rmtree(self.episode_dir(episode) / "model", ignore_errors=True)
+
+    def run_episodes(self) -> list[dict]:
+        recipe = self.recipe
+        sampler = PolicySampler(recipe, self.policy_after(0))
+        history = []
+        try:
+            for episode in range(recipe.episodes + 1):
+                done = self.finished(episode)
+                if done is None:
+                    directory = self.episode_dir(episode)
+                    directory.mkdir(parents=True, exist_ok=True)
+                    metrics: dict[str, Any] = {"episode": episode}
+                    if episode > 0:
+                        sampler.use(self.policy_after(episode - 1))
+                        _, pairs, stats = self.sample_and_pair(sampler, episode)
+                        metrics |= stats
+                        if pairs:
+                            metrics |= self.train_episode(episode, pairs)
+                        else:  # nothing to learn from: the policy goes on unchanged
+                            shutil.copytree(self.policy_after(episode - 1), directory / "model", dirs_exist_ok=True)
+                    metrics |= self.evaluate(sampler, self.policy_after(episode))
+                    atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+                    print(f"online-dpo: episode {episode}/{recipe.episodes}: "
+                          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                      if isinstance(v, float) and k in SHOWN))
+                    done = metrics
+                self.forget_old_policies(episode)
+                history.append(done)
+        finally:
+            sampler.close()
+        return history
+
+    def finish(self, history: list[dict]) -> dict:
+        final = Path(self.policy_after(self.recipe.episodes))
+        for file in final.iterdir():
+            if file.is_file():
+                shutil.copy2(file, self.run_dir / file.name)
+        first, last = history[0], history[-1]
+        metrics = {"episodes": self.recipe.episodes, "pairs_trained": sum(h.get("pairs_kept", 0) for h in history),
+                   **{f"{k}_start": first[k] for k in SHOWN if k in first and k.startswith(("eval", "win", "kl"))},
+                   **{f"{k}_end": last[k] for k in SHOWN if k in last and k.startswith(("eval", "win", "kl"))}}
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps({"metrics": metrics, "episodes": history},
+                                                                      indent=2) + "\n")
+        plot_history([{**h, "step": h["episode"]} for h in history], self.run_dir / "curves.png",
+                     f"online-dpo: {self.run_dir} (x: episode)")
+        write_manifest(self.run_dir, {
+            "stage": "online-dpo", "fingerprint": self.run.fingerprint, "run_dir": str(self.run_dir),
+            "inputs": self.run.inputs, "recipe": self.recipe, "seed": self.recipe.seed, "counts": self.counts,
+            "metrics": metrics, "precision": {"compute": compute_dtype(self.recipe), "weights": "float32"},
+            "duration_s": round(self.run.elapsed(), 3)})
+        return json.loads((self.run_dir / "manifest.json").read_text())
+
+
+SHOWN = ("sample_reward_mean", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "win_rate_vs_reference",
+         "kl_to_reference")
+
+
+def run_online_dpo(recipe: OnlineDPORecipe, scorer_class: type) -> dict:
+    """`scorer_class(path, dtype=)` scores conversations (the CLI passes `reward.model.RewardModel`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise StageError("online-dpo: runs in one process for now (sampling and scoring are not sharded)")
+    run = begin_run("online-dpo", recipe, ["prompts"])
+    if run.done:
+        return run.done
+    online = OnlineDPO(recipe, run, scorer_class)
+    return online.finish(online.run_episodes())

@@ -1,0 +1,122 @@
+"""Online DPO end to end on tiny models built here (a real reward model with a random head, the real
+generator and TRL's DPOTrainer with the merging optimizer), its pairing rule, its recipe checks, and a
+run killed with SIGKILL mid-episode that resumes to the same policy as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.checkpoint import init_checkpoint, reward_model_class
+from alignment.data import write_rows
+from alignment.pipeline import load_recipe, run
+from alignment.recipes import RecipeError
+from alignment.tokenizer import load_tokenizer
+from alignment.train.online_dpo import best_and_worst, episode_prompts
+from data_synthesis.arithmetic import math_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_best_and_worst_pairs_the_extremes_and_drops_ties():
+    assert best_and_worst([0.1, 0.9, -0.3, 0.5], ["a", "b", "c", "d"], 0.0) == (1, 2)
+    assert best_and_worst([0.5, 0.9, 0.9, 0.1, 0.1], list("abcde"), 0.0) == (1, 3)  # ties to the earlier sample
+    assert best_and_worst([0.2, 0.2, 0.2], ["a", "b", "c"], 0.0) is None  # a tie teaches nothing
+    assert best_and_worst([0.2, 0.6], ["a", "b"], 0.5) is None  # under the margin
+    assert best_and_worst([0.2, 0.6], ["same ", "same"], 0.0) is None  # one text, two rewards: not a pair
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> dict:
+    """base, SFT (= the starting policy and the reference), a reward model, and arithmetic prompts."""
+    root = tmp_path_factory.mktemp("online")
+    base = init_checkpoint("tiny", root / "base", seed=0)
+    sft = init_checkpoint("tiny", root / "sft", seed=1, initializer_range=0.3)
+    tokenizer = load_tokenizer(str(sft))
+    reward = reward_model_class(sft).from_pretrained(sft, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    reward.save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    write_rows(root / "prompts.jsonl", math_problems(10, seed=3) + [{"id": "bad"}])
+    return {"root": root, "base": str(base), "sft": str(sft), "rm": str(root / "rm"),
+            "prompts": str(root / "prompts.jsonl")}
+
+
+def _overrides(setup: dict, run_dir: Path) -> list[str]:
+    return [f"run_dir={run_dir}", f"model={setup['sft']}", f"reference={setup['sft']}", f"reward_model={setup['rm']}",
+            f"inputs.prompts={setup['prompts']}", f"merging.base_model={setup['base']}", "episodes=2",
+            "prompts_per_episode=4", "samples_per_prompt=3", "eval_prompts=2", "generation.max_new_tokens=6",
+            "generation.temperature=1.0", "training.per_device_train_batch_size=4", "training.learning_rate=1e-3",
+            "merging.reserve_rate=0.5", "merging.alpha=0.01", "dtype=float32"]
+
+
+def test_episode_prompts_are_a_seeded_draw_without_repeats():
+    recipe = load_recipe(ROOT / "recipes/tiny/online-dpo.yaml", overrides=["prompts_per_episode=5"])
+    rows = [{"id": str(i)} for i in range(8)]
+    first = episode_prompts(rows, recipe, 1)
+    assert len({r["id"] for r in first}) == 5 and first == episode_prompts(rows, recipe, 1)
+    assert first != episode_prompts(rows, recipe, 2)
+    assert len(episode_prompts(rows[:3], recipe, 1)) == 3
+
+
+def test_recipe_checks_name_the_field(tmp_path):
+    data = yaml.safe_load((ROOT / "recipes/tiny/online-dpo.yaml").read_text())
+    path = tmp_path / "online-dpo.yaml"
+    for change, expected in (({"samples_per_prompt": 1}, "samples_per_prompt: must be >= 2"),
+                             ({"generation": {"backend": "openai"}}, "generation.backend: online DPO samples"),
+                             ({"merging": {"method": "onties"}}, "merging.base_model: required with method"),
+                             ({"merging": {"method": "ondare", "base_model": "b", "reserve_rate": 0}},
+                              "merging.reserve_rate: must be in"),
+                             ({"lora": {"r": 4}}, "merging.method: the merging optimizers merge whole weights")):
+        path.write_text(yaml.safe_dump(data | change))
+        with pytest.raises(RecipeError, match=expected) as e:
+            load_recipe(path)
+        assert "\n" not in str(e.value)
+
+
+def test_online_dpo_runs_episodes_and_a_killed_run_resumes_to_the_same_policy(tiny_setup):
+    root = tiny_setup["root"]
+    whole = root / "whole"
+    manifest = run("online-dpo", load_recipe(ROOT / "recipes/tiny/online-dpo.yaml",
+                                             overrides=_overrides(tiny_setup, whole)))
+    assert manifest["counts"] == {"prompts_in": 11, "quarantined": 1, "train_prompts": 8, "eval_prompts": 2}
+    start = json.loads((whole / "episode-000/metrics.json").read_text())
+    assert start["kl_to_reference"] == 0.0  # the starting policy is the reference
+    for episode in (1, 2):
+        metrics = json.loads((whole / f"episode-{episode:03d}/metrics.json").read_text())
+        samples = [json.loads(line) for line in (whole / f"episode-{episode:03d}/samples.jsonl").open()]
+        pairs = [json.loads(line) for line in (whole / f"episode-{episode:03d}/pairs.jsonl").open()]
+        assert len(samples) == 4 and all(len(s["responses"]) == len(s["rewards"]) == 3 for s in samples)
+        assert metrics["pairs_kept"] == len(pairs) > 0 and metrics["pairs_kept"] + metrics["pairs_dropped"] == 4
+        for pair in pairs:  # the best and the worst of the prompt's samples
+            sample = next(s for s in samples if pair["id"] == f"{s['id']}-e{episode}")
+            assert pair["meta"]["reward_chosen"] == max(sample["rewards"])
+            assert pair["meta"]["reward_rejected"] == min(sample["rewards"])
+        assert metrics["optimizer"] == "OnDAREAdamW" and metrics["train_steps"] == 1
+        assert metrics["kl_to_reference"] != 0.0  # the policy moved
+    assert not (whole / "episode-001/model").exists() and (whole / "episode-002/model").exists()
+    assert (whole / "model.safetensors").read_bytes() == (whole / "episode-002/model/model.safetensors").read_bytes()
+    assert (whole / "curves.png").exists()
+
+    killed = root / "killed"
+    command = [sys.executable, "-m", "alignment.cli", "online-dpo", "--recipe", str(ROOT / "recipes/tiny/online-dpo.yaml")]
+    command += [arg for o in _overrides(tiny_setup, killed) for arg in ("--set", o)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "episode-002/samples.jsonl").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)  # episode 2 sampled, its training under way
+    process.wait()
+    assert not (killed / "episode-002/metrics.json").exists() and not (killed / "manifest.json").exists()
+    run("online-dpo", load_recipe(ROOT / "recipes/tiny/online-dpo.yaml", overrides=_overrides(tiny_setup, killed)))
+    assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    for episode in (1, 2):
+        timing = ("generation_tokens_per_s", "train_tokens_per_s")
+        ours, theirs = (json.loads((d / f"episode-{episode:03d}/metrics.json").read_text()) for d in (killed, whole))
+        assert {k: v for k, v in ours.items() if k not in timing} == {k: v for k, v in theirs.items() if k not in timing}
