@@ -120,3 +120,37 @@ def test_online_dpo_runs_episodes_and_a_killed_run_resumes_to_the_same_policy(ti
         timing = ("generation_tokens_per_s", "train_tokens_per_s")
         ours, theirs = (json.loads((d / f"episode-{episode:03d}/metrics.json").read_text()) for d in (killed, whole))
         assert {k: v for k, v in ours.items() if k not in timing} == {k: v for k, v in theirs.items() if k not in timing}
+
+
+@pytest.mark.slow
+def test_vllm_reads_the_next_policy_in_place_and_runs_online_dpo(tiny_setup, tmp_path):
+    """The generator that sampled from one checkpoint answers like another after `load_weights` (prompts whose
+    prefixes it has cached included), and online DPO runs its episodes on the vLLM backend."""
+    from alignment.generation import GenerationSpec, make_generator
+
+    other = str(init_checkpoint("tiny", tmp_path / "other", seed=2, initializer_range=0.5))  # clear argmaxes
+    prompts = ["What is 2 + 3?", "Name a colour.", "What is 2 + 3?"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    helper = ROOT / "tests/helpers/vllm_reload.py"
+    proc = subprocess.run([sys.executable, str(helper), tiny_setup["sft"], other, json.dumps(prompts)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    before, after = json.loads(lines[-1][len("RESULT "):])
+    expected = []
+    for model in (tiny_setup["sft"], other):
+        spec = GenerationSpec(model=model, dtype="float32", temperature=0.0, max_new_tokens=12)
+        with make_generator(spec) as generator:
+            expected.append([c[0].text for c in generator.generate([[{"role": "user", "content": p}] for p in prompts],
+                                                                   spec.sampling(seed=0))])
+    assert before == expected[0] and after == expected[1] and before != after
+
+    command = [sys.executable, "-m", "alignment.cli", "online-dpo", "--recipe", str(ROOT / "recipes/tiny/online-dpo.yaml")]
+    overrides = _overrides(tiny_setup, tmp_path / "vllm") + ["generation.backend=vllm", "generation.max_model_len=256",
+                                                             "generation.cpu_kvcache_gib=1"]
+    proc = subprocess.run(command + [arg for o in overrides for arg in ("--set", o)], capture_output=True, text=True,
+                          env=env, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for episode in (1, 2):
+        metrics = json.loads((tmp_path / f"vllm/episode-{episode:03d}/metrics.json").read_text())
+        assert metrics["samples"] == 12 and metrics["generation_tokens"] > 0

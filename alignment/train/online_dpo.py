@@ -16,7 +16,7 @@ one sample each, the win rate against the reference model's samples judged by th
 half), and KL(policy || reference) estimated on the policy's samples as the mean of
 log p_policy(y) - log p_reference(y). The transformers backend loads each episode's policy from its saved
 folder, so a resumed run samples exactly what an uninterrupted one does; vLLM keeps one engine and receives
-the new weights in place (`VLLMGenerator.load_weights`).
+the new weights in place (`VLLMGenerator.load_weights`; restarted on vLLM's CPU build).
 """
 
 from __future__ import annotations
