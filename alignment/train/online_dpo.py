@@ -22,6 +22,7 @@ the new weights in place (`VLLMGenerator.load_weights`; restarted on vLLM's CPU 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -226,7 +227,8 @@ class OnlineDPO:
         rewards = [r for s in samples for r in s["rewards"]]
         margins = [p["meta"]["reward_chosen"] - p["meta"]["reward_rejected"] for p in pairs]
         stats = {"samples": len(rewards), "sample_reward_mean": sum(rewards) / len(rewards),
-                 "sample_reward_max": max(rewards), "pairs_kept": len(pairs), "pairs_dropped": len(samples) - len(pairs),
+                 "sample_reward_max": max(rewards), "pairs_kept": len(pairs),
+                 "pairs_dropped": len(samples) - len(pairs),
                  "pair_margin_mean": sum(margins) / len(margins) if margins else 0.0, **timing}
         return samples, pairs, stats
 
@@ -249,8 +251,10 @@ class OnlineDPO:
             * trainer.args.num_train_epochs
         runtime = metrics["train_runtime_s"]
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        return {"optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__, "dpo_loss_first": losses[0] if losses else None, "dpo_loss_last": losses[-1] if losses else None,
-                "train_steps": trainer.state.global_step, "train_tokens_per_s": tokens / runtime if runtime else 0.0}
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+        return {"optimizer": type(optimizer).__name__, "dpo_loss_first": losses[0] if losses else None,
+                "dpo_loss_last": losses[-1] if losses else None, "train_steps": trainer.state.global_step,
+                "train_tokens_per_s": tokens / runtime if runtime else 0.0}
 
     def forget_old_policies(self, latest: int) -> None:
         """Only the latest finished episode's policy is needed to go on (and is the result)."""
@@ -315,8 +319,7 @@ SHOWN = ("sample_reward_mean", "pairs_kept", "pair_margin_mean", "eval_reward_me
 
 def run_online_dpo(recipe: OnlineDPORecipe, scorer_class: type) -> dict:
     """`scorer_class(path, dtype=)` scores conversations (the CLI passes `reward.model.RewardModel`)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StageError("online-dpo: runs in one process for now (sampling and scoring are not sharded)")
     run = begin_run("online-dpo", recipe, ["prompts"])
     if run.done:
