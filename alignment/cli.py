@@ -99,13 +99,19 @@ def _run_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_push(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="a finished run directory (e.g. runs/tiny/dpo)")
-    p.add_argument("--repo", required=True, help="Hub repository id, e.g. my-org/qwen2-7b-aligned")
+def _add_upload_arguments(p: argparse.ArgumentParser, run: str, repo: str, folder: str) -> None:
+    """The arguments `push` and `push-data` share; `run`, `repo` and `folder` are their help texts' examples."""
+    p.add_argument("--run", required=True, help=f"a finished {run}")
+    p.add_argument("--repo", required=True, help=f"Hub {repo}")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
-    p.add_argument("--out", default=None, help="where to write that folder (default RUN/hub-upload)")
+    p.add_argument("--out", default=None, help=f"where to write that folder (default RUN/{folder})")
     p.add_argument("--license", default="apache-2.0")
+
+
+def _add_push(p: argparse.ArgumentParser) -> None:
+    _add_upload_arguments(p, "run directory (e.g. runs/tiny/dpo)", "repository id, e.g. my-org/qwen2-7b-aligned",
+                          "hub-upload")
 
 
 def _run_push(a: argparse.Namespace) -> int:
@@ -118,12 +124,8 @@ def _run_push(a: argparse.Namespace) -> int:
 
 
 def _add_push_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="a finished assemble run (e.g. runs/tiny/assemble)")
-    p.add_argument("--repo", required=True, help="Hub data set id, e.g. my-org/qwen2-7b-sft-data")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
-    p.add_argument("--out", default=None, help="where to write that folder (default RUN/hub-data)")
-    p.add_argument("--license", default="apache-2.0")
+    _add_upload_arguments(p, "assemble run (e.g. runs/tiny/assemble)", "data set id, e.g. my-org/qwen2-7b-sft-data",
+                          "hub-data")
 
 
 def _run_push_data(a: argparse.Namespace) -> int:
