@@ -98,6 +98,15 @@ def _read(state: Mapping[str, torch.Tensor], name: str, index: TensorIndex) -> t
     return tensor if index is None else tensor[index]
 
 
+def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    if isinstance(state, CheckpointState):
+        from safetensors import safe_open
+
+        with safe_open(state.files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+    return tuple(state[name].shape)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor (its original parameter), else the tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -174,22 +183,27 @@ class MergingAdamW(torch.optim.Optimizer):
         self.positions = {param: i for i, param in enumerate(self.names)}
         self.sparse_tau: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         for param, name in self.names.items():
-            tau = self._tau(param, name)
+            self._check(param, name)
             if self.tau_mask == "fixed":
-                self.sparse_tau[param] = self._trim(tau.flatten(), self._generator(param, step=0))
+                self.sparse_tau[param] = self._trim(self._tau(param, name).flatten(), self._generator(param, step=0))
 
-    def _tau(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        """This process's shard of reference - base for `param`, fp32, on the parameter's device."""
+    def _check(self, param: torch.Tensor, name: str) -> None:
+        """Both states hold `name` in the parameter's whole shape (read from the headers: no tensor is loaded)."""
+        shapes = []
         for what, state in (("base", self.base), ("reference", self.reference)):
             if name not in state:
                 raise KeyError(f"{what} state has no tensor {name!r} (a parameter of the model being trained; "
                                "LoRA adapters cannot be merged with a full-model tau)")
+            shapes.append(_shape(state, name))
+        if shapes[0] != tuple(param.shape) or shapes[1] != tuple(param.shape):
+            raise ValueError(f"{name}: reference and base have shapes {shapes[1]} and {shapes[0]}, "
+                             f"the parameter {tuple(param.shape)}")
+
+    def _tau(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        """This process's shard of reference - base for `param`, fp32, on the parameter's device."""
         index, local = _shard_index(param), _local(param)
-        reference, base = _read(self.reference, name, index), _read(self.base, name, index)
-        if reference.shape != local.shape or base.shape != local.shape:
-            raise ValueError(f"{name}: reference and base have shapes {tuple(reference.shape)} and "
-                             f"{tuple(base.shape)}, the parameter (this process's shard) {tuple(local.shape)}")
-        return (reference.float() - base.float()).to(local.device)
+        tau = _read(self.reference, name, index).float() - _read(self.base, name, index).float()
+        return tau.to(local.device)
 
     def _generator(self, param: torch.Tensor, step: int) -> torch.Generator:
         key = (((self.seed * 1_000_003 + step) * 1_000_003 + self.positions[param]) * 1_000_003 + _rank())
