@@ -162,18 +162,21 @@ class OnlineDPO:
     def rewards(self, prompts: list[list[dict]], texts: list[str]) -> list[float]:
         return self.scorer([p + _reply(t) for p, t in zip(prompts, texts)])
 
-    def reference_samples(self) -> list[str]:
-        """One sample of the reference model per held-out prompt (drawn once, kept in the run dir)."""
+    def reference_rewards(self) -> list[float]:
+        """The rewards of one sample of the reference model per held-out prompt: sampled and scored once, kept
+        with the samples in the run dir (every evaluation compares against them)."""
         path = self.run_dir / "reference_samples.jsonl"
         if path.exists():
-            return [r["response"] for r in load_jsonl(path)]
+            return [r["reward"] for r in load_jsonl(path)]
         spec = replace(self.recipe.generation, backend="transformers", model=self.reference)
+        prompts = [r["messages"] for r in self.eval_rows]
         with make_generator(spec) as generator:
-            completions = generator.generate([r["messages"] for r in self.eval_rows],
-                                             spec.sampling(seed=self.recipe.seed + EVAL_SEED, n=1))
+            completions = generator.generate(prompts, spec.sampling(seed=self.recipe.seed + EVAL_SEED, n=1))
         texts = [c[0].text for c in completions]
-        atomic_write_text(path, to_jsonl([{"id": r["id"], "response": t} for r, t in zip(self.eval_rows, texts)]))
-        return texts
+        rewards = self.rewards(prompts, texts)
+        atomic_write_text(path, to_jsonl([{"id": r["id"], "response": t, "reward": reward}
+                                          for r, t, reward in zip(self.eval_rows, texts, rewards)]))
+        return rewards
 
     def evaluate(self, sampler: PolicySampler, policy: str) -> dict[str, float]:
         """Mean reward, win rate against the reference's samples, and KL to the reference, on held-out prompts."""
@@ -184,7 +187,7 @@ class OnlineDPO:
         completions, _ = sampler.sample(prompts, 1, self.recipe.seed + EVAL_SEED)
         texts = [c[0].text for c in completions]
         rewards = self.rewards(prompts, texts)
-        reference_rewards = self.rewards(prompts, self.reference_samples())
+        reference_rewards = self.reference_rewards()
         wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(rewards, reference_rewards)]
         replies = [_reply(t) for t in texts]
         policy_logp = completion_logprobs(load_frozen_model(policy, self.recipe), self.tokenizer, prompts, replies)
