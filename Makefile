@@ -10,13 +10,16 @@ MOE     ?= tiny-moe
 STAGES  := generate instag select evolve responses annotate rejection execution repurpose constitution decontam \
            assemble sft rm dpo online-dpo
 
-.PHONY: install test test-slow demo init upcycle check bench gpu-check clean $(STAGES)
+.PHONY: install test test-slow demo init upcycle check bench gpu-check clean annotators annotate-people annotate-export \
+        $(STAGES)
 
 install:
-	# bubblewrap contains model-written code (reward/sandbox.py); installed where apt-get is and we are root.
-	command -v bwrap >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || \
-		echo "note: bubblewrap (bwrap) is not installed: reward/sandbox.py will refuse to run model-written code"
+	# bubblewrap contains model-written code (reward/sandbox.py); chromium runs the annotation app's browser test.
+	# Both from Debian, installed where apt-get is and we are root.
+	command -v bwrap >/dev/null && command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+		[ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap chromium; } || \
+		echo "note: bubblewrap or chromium is missing: the sandbox refuses model-written code, the browser test fails"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -42,6 +45,22 @@ check:
 
 $(STAGES):
 	$(BIN)/qwen2-align $@ --recipe $(RECIPE)/$@.yaml $(foreach s,$(SET),--set $(s))
+
+# People rank responses in a local web app (recipes/<preset>/annotate-people.yaml):
+#   make annotators ADD="alice bob"   prints each new sign-in token once (REVOKE="bob" stops one)
+#   make annotate-people              serves the app on the recipe's host:port until Ctrl-C
+#   make annotate-export              writes D and P from the rankings submitted so far
+ADD     ?=
+REVOKE  ?=
+annotators:
+	$(BIN)/qwen2-align annotators --recipe $(RECIPE)/annotate-people.yaml $(foreach n,$(ADD),--add $(n)) \
+		$(foreach n,$(REVOKE),--revoke $(n)) $(foreach s,$(SET),--set $(s))
+
+annotate-people:
+	$(BIN)/qwen2-align annotate --recipe $(RECIPE)/annotate-people.yaml $(foreach s,$(SET),--set $(s))
+
+annotate-export:
+	$(BIN)/qwen2-align annotate export --recipe $(RECIPE)/annotate-people.yaml $(foreach s,$(SET),--set $(s))
 
 # The dense $(PRESET) checkpoint (built if missing) upcycled into an MoE of the $(MOE) preset's shape.
 upcycle:

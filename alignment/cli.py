@@ -109,6 +109,26 @@ def _add_upload_arguments(p: argparse.ArgumentParser, run: str, repo: str, folde
     p.add_argument("--license", default="apache-2.0")
 
 
+def _add_recipe_arguments(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--recipe", required=True, help=f"recipe YAML, e.g. recipes/tiny/{stage}.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (dotted for nested keys); repeatable")
+
+
+def _add_annotators(p: argparse.ArgumentParser) -> None:
+    _add_recipe_arguments(p, "annotate")
+    p.add_argument("--add", action="append", default=[], metavar="NAME",
+                   help="add an annotator, or give one a new token (printed once, stored hashed); repeatable")
+    p.add_argument("--revoke", action="append", default=[], metavar="NAME",
+                   help="stop an annotator's token and sessions (their answers stay); repeatable")
+
+
+def _run_annotators(a: argparse.Namespace) -> int:
+    recipe = pipeline.load_recipe(a.recipe, stage="annotate", overrides=a.set)
+    pipeline.manage_annotators(recipe, a.add, a.revoke)
+    return 0
+
+
 def _add_push(p: argparse.ArgumentParser) -> None:
     _add_upload_arguments(p, "run directory (e.g. runs/tiny/dpo)", "repository id, e.g. my-org/qwen2-7b-aligned",
                           "hub-upload")
@@ -224,6 +244,8 @@ COMMANDS: dict[str, Command] = {
     "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)",
                 _add_upcycle, _run_upcycle),
     "plan": ("parameter count and memory per GPU for a recipe", _add_plan, _run_plan),
+    "annotators": ("sign-in tokens of the people who rank responses in annotate's web app", _add_annotators,
+                   _run_annotators),
     "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _run_push),
     "push-data": ("push an assemble run's D and P as a Hub data set (parquet splits, card)", _add_push_data,
                   _run_push_data),
@@ -240,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, spec in pipeline.STAGES.items():
         built = pipeline.is_built(name)
         p = sub.add_parser(name, help=spec.help if built else f"{spec.help} [not built yet]", description=spec.help)
-        p.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/tiny/%s.yaml" % name)
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe key (dotted for nested keys); repeatable")
+        if spec.actions:
+            p.add_argument("action", nargs="?", choices=[n for n, _, _ in spec.actions],
+                           help="; ".join(f"{n}: {text}" for n, text, _ in spec.actions) + " (default: run the stage)")
+        _add_recipe_arguments(p, name)
     for name, (text, add, runner) in COMMANDS.items():
         p = sub.add_parser(name, help=text if runner else f"{text} [not built yet]", description=text)
         if add:
@@ -268,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             if not pipeline.is_built(name):
                 print(f"qwen2-align: {args.recipe} is valid, but stage '{name}' is not built yet", file=sys.stderr)
                 return 2
-            pipeline.run(name, recipe)
+            pipeline.run(name, recipe, getattr(args, "action", None))
             return 0
         runner = COMMANDS[name][2]
         if runner is None:

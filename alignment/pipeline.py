@@ -21,6 +21,7 @@ class StageSpec:
     help: str
     recipe_class: str  # "module:Class", imported on use
     runner: str | None = None  # "module:Class" of a Stage, or "module:function(recipe)"; None = not built yet
+    actions: tuple[tuple[str, str, str], ...] = ()  # (name, help, "module:function(recipe)"): `<stage> NAME`
 
 
 STAGES: dict[str, StageSpec] = {
@@ -34,9 +35,10 @@ STAGES: dict[str, StageSpec] = {
                         "data_synthesis.evolve:EvolveStage"),
     "responses": StageSpec("sample several responses per instruction from several models and strategies",
                            "data_synthesis.recipes:ResponsesRecipe", "data_synthesis.responses:ResponsesStage"),
-    "annotate": StageSpec("rank responses with a reward-model judge (people's web app: not built yet); top to D, "
-                          "pairs to P", "data_synthesis.recipes:AnnotateRecipe",
-                          "data_synthesis.annotate:AnnotateStage"),
+    "annotate": StageSpec("rank responses, by people in a local web app or by a judge; top to D, pairs to P",
+                          "data_synthesis.recipes:AnnotateRecipe", "data_synthesis.annotate_app:run_annotate",
+                          (("export", "write D and P from the people's rankings submitted so far",
+                            "data_synthesis.annotate_app:export_annotations"),)),
     "rejection": StageSpec("rejection sampling for math: correct paths to D, correct vs wrong to P",
                            "data_synthesis.recipes:RejectionRecipe", "data_synthesis.rejection:RejectionStage"),
     "execution": StageSpec("execution feedback in a sandbox: code against tests, responses against constraint checkers",
@@ -115,12 +117,19 @@ def is_built(name: str) -> bool:
     return STAGES[name].runner is not None
 
 
-def run(name: str, recipe: Any) -> Any:
-    """Run a built stage on a validated recipe."""
+def run(name: str, recipe: Any, action: str | None = None) -> Any:
+    """Run a built stage (or one of its actions) on a validated recipe."""
+    if action:
+        return _resolve(dict((n, ref) for n, _, ref in STAGES[name].actions)[action])(recipe)
     runner: Callable | type = _resolve(STAGES[name].runner)
     if isinstance(runner, type):
         return run_stage(runner(recipe))
     return runner(recipe)
+
+
+def manage_annotators(recipe: Any, add: list[str], revoke: list[str]) -> None:
+    """Sign-in tokens of the people who rank in `annotate`'s web app."""
+    _resolve("data_synthesis.annotate_app:manage_annotators")(recipe, add, revoke)
 
 
 def check_recipe_dir(directory: str | Path) -> list[str]:

@@ -1,24 +1,34 @@
 """`annotate`: rank the responses of each instruction, then export the top one to D and pairs to P.
 
 The input is `responses`' output: `{id, prompt, responses: [{content, model, strategy}], source, meta}`.
-Ranking and export are two steps joined by a ranking row, `{id, order, scores, judge, responses}` (`order`:
-response indices best first; `scores`: per response index, or null where people rank; `responses`: the model
-and strategy of each), written to `rankings.jsonl`. With `judge:` a reward model ranks: it scores every response
-after its prompt and the order is by score, ties keeping the responses' order. People ranking in a web app
-(not built yet) will write the same rows, and `export` turns either into data: the top response to D when its
-score reaches `judge.min_score` (always, without scores), and to P the top response against lower ones, the
-lowest first (`pairs_per_item: 1` is best vs worst, the widest margin; 0 takes every lower one). A lower
-response with the top's score (a tie) or the top's text makes no pair. Every D and P row records in
-`meta.lineage` the judge and the model, strategy, index and score of its chosen (and rejected) response; the
-manifest has per model and strategy the responses, their mean score and how often they ranked first.
+Ranking and export are two steps joined by a ranking row, `{id, status, order, scores, judge, responses}`
+(`order`: response indices best first; `scores`: per response index, or null where people rank; `responses`: the
+model and strategy of each), written to `rankings.jsonl`. With `judge:` a model ranks:
+
+- `kind: reward_model` scores every response after its prompt;
+- `kind: model`, a chat model, reads the conversation and all the responses and answers with a score from 1 to 10
+  for each (`JUDGE_PROMPT`, read leniently), by default twice with the responses in opposite orders and the
+  scores averaged, so that a judge's liking for a position cancels out; an answer without the scores
+  quarantines the item with the judge's text.
+
+The order is by score, ties keeping the responses' order. People ranking in the web app (`annotate_app`) give
+rows of the same shape, and `export` turns either into data: the top response to D when its score reaches
+`judge.min_score` (always, without scores), and to P the top response against lower ones, the lowest first
+(`pairs_per_item: 1` is best vs worst, the widest margin; 0 takes every lower one). A lower response with the
+top's score (a tie) or the top's text makes no pair. Every D and P row records in `meta.lineage` the judge and
+the model, strategy, index and score of its chosen (and rejected) response; the manifest has per model and
+strategy the responses, their mean score and how often they ranked first.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 from alignment.data import Quarantined, row_problem
+from alignment.generation import make_generator
+from alignment.generation.answers import json_values
 from alignment.stages import Outcome, ShardContext, Stage, StageError
 
 from .generate import lineage
@@ -40,6 +50,33 @@ def item_problem(item: dict) -> str | None:
         for key in ("content", "model", "strategy"):
             if not isinstance(r.get(key), str) or not r[key].strip():
                 return f"responses[{i}].{key}: must be a non-empty string"
+    return None
+
+
+JUDGE_PROMPT = (
+    "Below is a conversation that ends with an instruction, then {count} responses to it. Score each response "
+    "from 1 (useless or wrong) to 10 (correct, helpful and following every part of the instruction). Judge the "
+    "content, not the length or the order the responses are shown in.\n\n# Conversation\n{conversation}\n\n"
+    "# Responses\n{responses}\n\nAnswer only with JSON: {{\"scores\": [one number per response, in the order shown]}}"
+)
+
+
+def judge_prompt(prompt: list[dict], contents: list[str]) -> list[dict]:
+    """The model judge's question about one item, its responses in the order given."""
+    conversation = "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    shown = "\n\n".join(f"[Response {k}]\n{content}" for k, content in enumerate(contents, 1))
+    return [{"role": "user", "content": JUDGE_PROMPT.format(count=len(contents), conversation=conversation,
+                                                            responses=shown)}]
+
+
+def parse_scores(text: str, count: int) -> list[float] | None:
+    """`count` finite numbers from a judge's answer (`{"scores": [...]}` or a bare list), read leniently."""
+    for value in json_values(text):
+        if isinstance(value, dict):
+            value = value.get("scores")
+        if isinstance(value, list) and len(value) == count and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            return [float(v) for v in value]
     return None
 
 
@@ -103,10 +140,12 @@ class AnnotateStage(Stage):
 
     def __init__(self, recipe: AnnotateRecipe):
         if recipe.judge is None:
-            raise StageError("annotate: ranking by people needs the annotation web app, which is not built yet; "
-                             "set `judge:` in the recipe to rank with a reward model")
+            raise StageError("annotate: this stage ranks with a judge; people rank in the web app "
+                             "(data_synthesis.annotate_app)")
         super().__init__(recipe)
-        self.judge_name = {"kind": recipe.judge.kind, "path": recipe.judge.path}
+        judge = recipe.judge
+        self.judge_name = ({"kind": judge.kind, "path": judge.path} if judge.kind == "reward_model" else
+                           {"kind": judge.kind, "model": judge.generation.model, "both_orders": judge.both_orders})
 
     def setup(self, side_inputs: dict[str, list[dict]]) -> None:
         import torch
@@ -114,21 +153,52 @@ class AnnotateStage(Stage):
         from reward.model import RewardModel
 
         judge = self.recipe.judge
-        self.scorer = RewardModel(judge.path, dtype=getattr(torch, judge.dtype), batch_size=judge.batch_size,
-                                  device="cuda" if torch.cuda.is_available() else None)
+        if judge.kind == "model":
+            self.generator = make_generator(judge.generation)
+        else:
+            self.scorer = RewardModel(judge.path, dtype=getattr(torch, judge.dtype), batch_size=judge.batch_size,
+                                      device="cuda" if torch.cuda.is_available() else None)
+
+    def reward_model_scores(self, rows: list[dict]) -> list[list[float]]:
+        conversations = [row["prompt"] + [{"role": "assistant", "content": r["content"]}]
+                         for row in rows for r in row["responses"]]
+        scores = iter(self.scorer(conversations))
+        return [[next(scores) for _ in row["responses"]] for row in rows]
+
+    def model_scores(self, rows: list[dict], ctx: ShardContext) -> list[list[float] | str]:
+        """Per row the judge's scores, averaged over both orders; or why they could not be read, with the answers."""
+        orders = (False, True) if self.recipe.judge.both_orders else (False,)
+        prompts = [judge_prompt(row["prompt"], [r["content"] for r in row["responses"]][::-1 if reverse else 1])
+                   for row in rows for reverse in orders]
+        answers = self.generator.generate(prompts, self.recipe.judge.generation.sampling(seed=ctx.seed))
+        ctx.progress.add_tokens(sum(c.num_tokens for cs in answers for c in cs))
+        texts = iter(cs[0].text for cs in answers)
+        out: list[list[float] | str] = []
+        for row in rows:
+            count, read = len(row["responses"]), []
+            for reverse in orders:
+                text = next(texts)
+                scores = parse_scores(text, count)
+                read.append((text, scores[::-1] if scores and reverse else scores))
+            if any(scores is None for _, scores in read):
+                out.append(f"judge: no {count} scores in its answer: " + " | ".join(repr(t[:300]) for t, _ in read))
+            else:
+                out.append([sum(column) / len(read) for column in zip(*(scores for _, scores in read))])
+        return out
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         problems = [item_problem(row) for row in rows]
-        conversations = [row["prompt"] + [{"role": "assistant", "content": r["content"]}]
-                         for row, problem in zip(rows, problems) if not problem for r in row["responses"]]
-        scores = iter(self.scorer(conversations))
+        valid = [row for row, problem in zip(rows, problems) if not problem]
+        scored = iter(self.model_scores(valid, ctx) if self.recipe.judge.kind == "model"
+                      else self.reward_model_scores(valid))
         outcomes: list[Outcome] = []
         for row, problem in zip(rows, problems):
-            if problem:
-                outcomes.append(Quarantined(problem, row))
+            item_scores = problem or next(scored)
+            if isinstance(item_scores, str):
+                outcomes.append(Quarantined(item_scores, row))
                 continue
-            item_scores = [next(scores) for _ in row["responses"]]
-            ranking = {"id": row["id"], "order": rank(item_scores), "scores": item_scores, "judge": self.judge_name,
+            ranking = {"id": row["id"], "status": "ranked", "order": rank(item_scores), "scores": item_scores,
+                       "judge": self.judge_name,
                        "responses": [{"model": r["model"], "strategy": r["strategy"]} for r in row["responses"]]}
             rows_out = export(row, ranking, self.recipe.judge.min_score, self.recipe.pairs_per_item, ctx.seed)
             outcomes.append({"rankings": [ranking], **rows_out})
@@ -136,6 +206,8 @@ class AnnotateStage(Stage):
 
     def teardown(self) -> None:
         self.__dict__.pop("scorer", None)
+        if generator := self.__dict__.pop("generator", None):
+            generator.close()
 
     def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
         return {"annotate": {"mode": "judge", "judge": self.judge_name, "items": len(outputs["rankings"]),

@@ -22,7 +22,6 @@ Writes `ontology.json` (canonical tag, aliases, count, up to 3 example ids), `on
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import re
@@ -35,6 +34,7 @@ import numpy as np
 import yaml
 
 from alignment.data import Quarantined, write_rows
+from alignment.generation.answers import json_values
 from alignment.atomic import atomic_write_text
 from alignment.recipes import RecipeError
 from alignment.stages import Outcome, ShardContext
@@ -48,8 +48,6 @@ TAG_PROMPT = (
     '[{{"tag": str, "explanation": str}}]\n\nQuery: {query}'
 )
 BUNDLED_EMBEDDER = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
-_FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.S)
-_TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _SPECIAL = re.compile(r"[\W_]+")
 Embedder = Callable[[list[str]], np.ndarray]
 
@@ -59,33 +57,6 @@ class RefinementsError(RecipeError):
 
 
 # ----------------------------------------------------------------------------------------------- tagging
-def _decode(text: str) -> Any:
-    """The JSON value in `text`: as is, then with trailing commas removed, then its leading JSON value (prose
-    with brackets after it), then as a Python literal (single quotes; literal_eval evaluates no code)."""
-    repaired = _TRAILING_COMMA.sub(r"\1", text)
-    for attempt in (lambda: json.loads(text), lambda: json.loads(repaired),
-                    lambda: json.JSONDecoder().raw_decode(repaired)[0], lambda: ast.literal_eval(repaired)):
-        try:
-            return attempt()
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-    raise ValueError("no JSON")
-
-
-def _candidates(text: str) -> list[str]:
-    """Code-fenced blocks first, then the whole text; each cut from its first bracket to its last closer."""
-    out = []
-    for block in [*_FENCE.findall(text), text]:
-        starts = [i for i in (block.find("["), block.find("{")) if i >= 0]
-        if not starts:
-            continue
-        start = min(starts)
-        end = block.rfind("]" if block[start] == "[" else "}")
-        if end > start:
-            out.append(block[start:end + 1])
-    return out
-
-
 def _tags_of(value: Any) -> list[str]:
     """Tag strings from a decoded answer: a list of {"tag": ...} (or of strings), one such dict, or {"tags": [...]}."""
     if isinstance(value, dict):
@@ -98,12 +69,8 @@ def _tags_of(value: Any) -> list[str]:
 
 def parse_tags(text: str) -> list[str] | None:
     """The tags of a tagger answer, in order without repeats; None when no candidate decodes to any tag."""
-    for candidate in _candidates(text):
-        try:
-            tags = _tags_of(_decode(candidate))
-        except ValueError:
-            continue
-        if tags:
+    for value in json_values(text):
+        if tags := _tags_of(value):
             return tags
     return None
 

@@ -29,12 +29,16 @@ def test_unbuilt_stage_validates_its_recipe_then_says_so(capsys, monkeypatch, tm
     assert main(["annotate", "--recipe", recipe, "--set", "judge.batch_size=0"]) == 2  # validated first
     assert "judge.batch_size: must be >= 1" in capsys.readouterr().err
     monkeypatch.undo()
-    # ranking by people (no judge) needs the web app, which is not built yet: one line, status 2, nothing run
+    # export is for people's rankings: with a judge, or before the app ever ran, one line, status 2, nothing written
     run_dir = tmp_path / "annotate"
-    assert main(["annotate", "--recipe", recipe, "--set", "judge=null", "--set", f"run_dir={run_dir}"]) == 2
+    assert main(["annotate", "export", "--recipe", recipe, "--set", f"run_dir={run_dir}"]) == 2
+    assert "this recipe ranks with a judge" in capsys.readouterr().err
+    database = tmp_path / "people.sqlite"
+    assert main(["annotate", "export", "--recipe", recipe, "--set", "judge=null", "--set", f"run_dir={run_dir}",
+                 "--set", f"database={database}"]) == 2
     err = capsys.readouterr().err
-    assert "annotation web app, which is not built yet; set `judge:`" in err and err.count("\n") == 1
-    assert not run_dir.exists()
+    assert f"{database}: no annotations database; serve the app first" in err and err.count("\n") == 1
+    assert not run_dir.exists() and not database.exists()
 
 
 def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):

@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from alignment.checkpoint import init_checkpoint, reward_model_class
-from alignment.cli import main
 from alignment.data import read_rows
 from alignment.generation import Completion
 from alignment.pipeline import is_built, load_recipe, run
@@ -243,11 +242,3 @@ def test_the_judge_ranks_by_the_reward_models_own_scores(responses_run, tiny, tm
                if r["strategy"] == strategy]
         assert info["by_model_strategy"][f"{tiny['init']} / {strategy}"]["mean_score"] == pytest.approx(
             sum(own) / len(own))
-
-
-def test_annotate_without_a_judge_says_the_web_app_is_not_built(tmp_path, capsys):
-    recipe = _write(tmp_path / "a.yaml", {"stage": "annotate", "run_dir": str(tmp_path / "run"),
-                                          "inputs": {"responses": str(tmp_path / "x.jsonl")}})
-    assert main(["annotate", "--recipe", str(recipe)]) == 2
-    assert "ranking by people needs the annotation web app, which is not built yet" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()

@@ -1,0 +1,279 @@
+"""People's ranking app: agreement and merging on hand-computed cases, item hand-out between annotators, and an
+end-to-end run in headless Chromium (Debian's, installed by `make install`) against the real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment.pipeline import load_recipe
+from data_synthesis.annotate_app import (AnnotationApp, Refused, add_annotators, connect, item_ranking,
+                                         kendall_distance, krippendorff_alpha, load_items, merge_rankings)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def item(item_id: str, *contents: str) -> dict:
+    return {"id": item_id, "prompt": [{"role": "user", "content": f"Question {item_id}?"}],
+            "responses": [{"content": c, "model": f"model-{i % 2}", "strategy": "greedy" if i == 0 else "sampled"}
+                          for i, c in enumerate(contents)], "source": "test", "meta": {"topic": item_id}}
+
+
+ITEMS = [
+    item("q1", "plain answer one", "<img src=x onerror=\"window.__xss = 2\">", "<script>window.__xss = 1</script>"),
+    item("q2", "second: alpha", "second: beta", "second: gamma"),
+    item("q3", "third: yes", "third: no"),
+]
+
+
+def write_recipe(tmp_path: Path, per_item: int, port: int = 8765, rows: list = ITEMS) -> Path:
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "annotate.yaml"
+    recipe.write_text(f"stage: annotate\nrun_dir: {tmp_path / 'run'}\ninputs:\n  responses: {responses}\n"
+                      f"port: {port}\nannotators_per_item: {per_item}\nmerge: mean\npairs_per_item: 1\n")
+    return recipe
+
+
+# ---- agreement and merging --------------------------------------------------------------------------------------
+
+def test_kendall_distance_counts_swapped_pairs():
+    assert kendall_distance([0, 1, 2], [0, 1, 2]) == 0
+    assert kendall_distance([0, 1, 2], [2, 1, 0]) == 1
+    assert kendall_distance([2, 0, 1], [2, 1, 0]) == pytest.approx(1 / 3)
+    assert kendall_distance([0, 1, 2, 3], [1, 0]) == 1  # only the indices both rankings hold
+
+
+def test_krippendorff_alpha_on_hand_computed_cases():
+    # Two responses per item: the Kendall distance is the nominal one on "which came first".
+    # values 0-first: 3, 1-first: 3 -> D_e = 18/30; D_o = (0 + 0 + 2) / 6 -> alpha = 1 - (1/3)/(3/5) = 4/9
+    assert krippendorff_alpha([[[0, 1], [0, 1]], [[1, 0], [1, 0]], [[0, 1], [1, 0]]]) == pytest.approx(4 / 9)
+    # D_o = 2/4, D_e = 6/12: no better than chance
+    assert krippendorff_alpha([[[0, 1], [0, 1]], [[1, 0], [0, 1]]]) == pytest.approx(0.0)
+    # three responses: D_o = 1/3, D_e = (20/3)/12 = 5/9 -> 0.4 (worked out pair by pair in the e2e test's comment)
+    assert krippendorff_alpha([[[2, 0, 1], [2, 1, 0]], [[1, 0, 2], [1, 2, 0]]]) == pytest.approx(0.4)
+    assert krippendorff_alpha([[[0, 1], [0, 1]], [[1, 0], [1, 0]]]) == pytest.approx(1.0)
+    assert krippendorff_alpha([[[0, 1], [0, 1]]]) is None  # no variation at all
+    assert krippendorff_alpha([[[0, 1]], [[1, 0]]]) is None  # nobody ranked an item twice
+
+
+def test_merge_strategies_differ_where_they_should():
+    orders = [[0, 1, 2], [0, 1, 2], [2, 1, 0]]  # positions: 0 -> 0,0,2; 1 -> 1,1,1; 2 -> 2,2,0
+    assert merge_rankings(orders, "mean") == [0, 1, 2]  # means 2/3, 1, 4/3
+    assert merge_rankings(orders, "min") == [0, 2, 1]  # best places 0, 1, 0; ties by mean
+    assert merge_rankings(orders, "max") == [1, 0, 2]  # worst places 2, 1, 2
+    assert merge_rankings(orders, "majority") == [0, 2, 1]  # first places 2, 0, 1
+    assert merge_rankings(orders, "mean", unusable={0}) == [1, 2, 0]
+
+
+def test_item_status_from_its_annotations(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, per_item=2))
+    ranked = lambda who, order, flagged=(): {"annotator": who, "status": "submitted", "ranking": order,  # noqa: E731
+                                             "flagged": list(flagged)}
+    discarded = {"annotator": "carol", "status": "discarded", "ranking": None, "flagged": [], "reason": "spam"}
+    q2 = ITEMS[1]
+    assert item_ranking(q2, [ranked("alice", [0, 1, 2])], recipe)["status"] == "pending"
+    both = item_ranking(q2, [ranked("alice", [0, 1, 2], [2]), ranked("bob", [1, 2, 0])], recipe)
+    assert both["status"] == "ranked" and both["unusable"] == [2] and both["order"] == [1, 0, 2]
+    assert item_ranking(q2, [ranked("alice", [0, 1, 2]), discarded], recipe)["status"] == "discarded"
+    every_one_flagged = [ranked("alice", [0, 1, 2], [0, 1]), ranked("bob", [2, 1, 0], [2])]
+    assert item_ranking(q2, every_one_flagged, recipe)["status"] == "discarded"
+
+
+# ---- handing items out -------------------------------------------------------------------------------------------
+
+def test_items_go_to_as_many_people_as_asked_and_skips_come_last(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, per_item=1))
+    app = AnnotationApp(recipe)
+    with connect(app.path) as db:
+        assert load_items(db, recipe)[0] == 3
+        add_annotators(db, ["alice", "bob"])
+        assert app.next_item(db, "alice")["item"]["id"] == "q1"
+        assert app.next_item(db, "alice")["item"]["id"] == "q1"  # a reload keeps the current item
+        assert app.next_item(db, "bob")["item"]["id"] == "q2"  # q1 is held for alice
+        with pytest.raises(Refused, match="not the one you are annotating"):
+            app.answer(db, "bob", {"item_id": "q1", "action": "submit", "ranking": [0, 1, 2]})
+        with pytest.raises(Refused, match="ranking: rank every response"):
+            app.answer(db, "alice", {"item_id": "q1", "action": "submit", "ranking": [0, 1]})
+        assert app.answer(db, "alice", {"item_id": "q1", "action": "skip"})["item"]["id"] == "q3"
+        after = app.answer(db, "alice", {"item_id": "q3", "action": "submit", "ranking": [1, 0]})
+        assert after["item"]["id"] == "q1"  # the skipped item, back once nothing else is open (q2 is bob's)
+        assert after["progress"] == {"done": 1, "skipped": 0, "left": 1, "items": 3, "complete": 1}
+        # the responses file grows: new items append, the annotated ones stay as they were
+        rows = ITEMS + [item("q4", "four", "vier")]
+        (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert load_items(db, recipe)[0] == 4
+        assert [r[0] for r in db.execute("SELECT id FROM items ORDER BY position")] == ["q1", "q2", "q3", "q4"]
+
+
+# ---- the whole app in a browser ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def wait_for(port: int, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited: {log.read_text()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"the server did not start: {log.read_text()}")
+
+
+def card(page, index: int):
+    return page.locator(f'.response[data-index="{index}"]')
+
+
+def sign_in(page, url: str, token: str) -> None:
+    page.goto(url)
+    page.fill("#token", token)
+    page.click("#sign-in")
+    page.wait_for_selector("#item-view:not([hidden])")
+
+
+def current_item(page) -> str | None:
+    return page.locator("#item-view").get_attribute("data-item")
+
+
+def shown(page, item_id: str) -> None:
+    """Wait until the page shows this item."""
+    page.locator(f'#item-view[data-item="{item_id}"]:not([hidden])').wait_for()
+
+
+def test_people_rank_in_chromium_and_the_export_matches_the_clicks(tmp_path):
+    """Two annotators in two browser sessions; the server is killed (-9) before the export."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
+    assert os.path.exists(CHROMIUM), "Debian's chromium is missing: `make install` installs it (as root)"
+    port = free_port()
+    rows = ITEMS + [{"id": "broken", "prompt": "not a conversation", "responses": []}]
+    recipe = write_recipe(tmp_path, per_item=2, port=port, rows=rows)
+    made = cli("annotators", "--recipe", str(recipe), "--add", "alice", "--add", "bob")
+    assert made.returncode == 0, made.stderr
+    tokens = dict(line.split("\t") for line in made.stdout.splitlines() if "\t" in line)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "alignment.cli", "annotate", "--recipe", str(recipe)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(port, server, log)
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            alice = browser.new_page()
+            alice.goto(url)
+            alice.fill("#token", "not-a-token")
+            alice.click("#sign-in")
+            expect = playwright.expect  # waits for the page to catch up, unlike a plain assert
+            expect(alice.locator("#message")).to_have_text("that token is not valid")
+            assert alice.locator("#sign-in-view").is_visible() and not alice.locator("#item-view").is_visible()
+
+            sign_in(alice, url, tokens["alice"])
+            assert current_item(alice) == "q1"
+            # markup in a response is text: shown verbatim, no element made, no script run
+            assert card(alice, 2).locator(".text").inner_text() == "<script>window.__xss = 1</script>"
+            assert card(alice, 1).locator(".text").inner_text() == '<img src=x onerror="window.__xss = 2">'
+            assert alice.locator("#responses script, #responses img").count() == 0
+            if path := os.environ.get("QWEN2_ALIGN_SCREENSHOT"):
+                card(alice, 2).click()
+                alice.screenshot(path=path, full_page=True)
+                card(alice, 2).click()
+            # q1 by keyboard: the numbers shown on the cards, best first, then Enter
+            for index in (2, 0, 1):
+                alice.keyboard.press(card(alice, index).get_attribute("data-key"))
+            expect(card(alice, 0).locator(".rank")).to_have_text("rank 2")
+            alice.keyboard.press("Enter")
+            shown(alice, "q2")
+            # q2 by mouse, with response 2 marked unusable
+            card(alice, 2).locator(".flag").click()
+            assert alice.locator("#submit").is_disabled()
+            card(alice, 1).click()
+            card(alice, 0).click()
+            alice.click("#submit")
+            shown(alice, "q3")
+            alice.keyboard.press("s")  # skipped: with nothing else left it comes straight back
+            expect(alice.locator("#message")).to_have_text("Skipped.")
+            assert current_item(alice) == "q3"
+            alice.fill("#discard-reason", "the question is unclear")
+            alice.click("#discard")
+            alice.wait_for_selector("#done-view:not([hidden])")
+            expect(alice.locator("#progress")).to_contain_text("3 done, 0 skipped, 0 left for you")
+            assert alice.evaluate("window.__xss") is None
+
+            bob = browser.new_context().new_page()
+            sign_in(bob, url, tokens["bob"])
+            assert current_item(bob) == "q1"
+            for index in (2, 1, 0):
+                card(bob, index).click()
+            bob.click("#submit")
+            shown(bob, "q2")
+            for index in (1, 2, 0):
+                bob.keyboard.press(card(bob, index).get_attribute("data-key"))
+            bob.keyboard.press("Enter")
+            shown(bob, "q3")
+            card(bob, 0).click()
+            card(bob, 1).click()
+            bob.click("#submit")
+            bob.wait_for_selector("#done-view:not([hidden])")
+            browser.close()
+    finally:
+        server.kill()  # SIGKILL: the export must still see every answer
+        server.wait()
+
+    database = tmp_path / "run" / "annotations.sqlite"
+    with sqlite3.connect(database) as db:
+        stored = dict(((who, item_id), (status, ranking)) for item_id, who, status, ranking in
+                      db.execute("SELECT item_id, annotator, status, ranking FROM annotations"))
+    assert stored[("alice", "q1")] == ("submitted", "[2, 0, 1]")
+    assert stored[("bob", "q1")] == ("submitted", "[2, 1, 0]")  # each annotator's ranking kept apart
+    assert stored[("alice", "q2")] == ("submitted", "[1, 0, 2]")
+    assert stored[("alice", "q3")] == ("discarded", None)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert not any(token.encode() in path.read_bytes() for token in tokens.values()), path
+
+    exported = cli("annotate", "export", "--recipe", str(recipe))
+    assert exported.returncode == 0, exported.stderr
+    run_dir = tmp_path / "run"
+    read = lambda name: [json.loads(line) for line in (run_dir / f"{name}.jsonl").read_text().splitlines()]  # noqa
+    rankings = {r["id"]: r for r in read("rankings")}
+    assert {k: (r["status"], r["order"]) for k, r in rankings.items()} == {
+        "q1": ("ranked", [2, 0, 1]),  # mean positions 0, 1.5, 1.5: the tie keeps the responses' order
+        "q2": ("ranked", [1, 0, 2]),  # 2 marked unusable by alice, one of two rankers: goes last
+        "q3": ("discarded", None)}  # one discard against one ranking
+    demonstrations = {r["id"]: r for r in read("demonstrations")}
+    assert set(demonstrations) == {"q1-d", "q2-d"}
+    assert demonstrations["q1-d"]["messages"][-1]["content"] == "<script>window.__xss = 1</script>"
+    assert demonstrations["q2-d"]["messages"][-1]["content"] == "second: beta"
+    lineage = demonstrations["q1-d"]["meta"]["lineage"]
+    assert lineage["judge"] == {"kind": "people", "merge": "mean", "annotators": ["alice", "bob"]}
+    assert lineage["chosen"] == {"index": 2, "model": "model-0", "strategy": "sampled", "score": None}
+    preferences = {r["id"]: (r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in read("preferences")}
+    assert preferences == {"q1-p0": ("<script>window.__xss = 1</script>", '<img src=x onerror="window.__xss = 2">'),
+                           "q2-p0": ("second: beta", "second: gamma")}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["counts"]["rows_in"] == 4 and manifest["counts"]["quarantined_by_stage"] == 1
+    people = manifest["annotate"]
+    assert people["items"] == {"ranked": 2, "discarded": 1, "pending": 0}
+    # q1: alice [2,0,1] vs bob [2,1,0]; q2: [1,0,2] vs [1,2,0]: alpha 0.4 (test_krippendorff_alpha_...)
+    assert people["agreement"]["krippendorff_alpha_kendall"] == pytest.approx(0.4)
+    assert people["by_annotator"] == {"alice": {"submitted": 2, "discarded": 1}, "bob": {"submitted": 3, "discarded": 0}}
+    assert not any(token in log.read_text() for token in tokens.values())

@@ -1,0 +1,73 @@
+"""`annotate`'s chat-model judge: its prompt, the lenient reading of its scores, and a real run through a
+generation backend whose answers (a random tiny model's) hold no scores, so every item is quarantined with them."""
+
+import json
+
+import pytest
+import yaml
+
+from alignment.checkpoint import init_checkpoint
+from alignment.generation import GenerationSpec, make_generator
+from alignment.pipeline import load_recipe, run
+from alignment.recipes import RecipeError
+from data_synthesis.annotate import judge_prompt, parse_scores
+
+ITEMS = [{"id": f"q{i}", "prompt": [{"role": "user", "content": question}],
+          "responses": [{"content": reply, "model": "m", "strategy": s} for reply, s in zip(replies, ("a", "b", "c"))],
+          "source": "t", "meta": {}}
+         for i, (question, replies) in enumerate([("What is 2 + 2?", ("4", "5", "four")),
+                                                  ("Name a colour.", ("red", "blue"))])]
+
+
+def test_scores_are_read_leniently_and_only_when_complete():
+    assert parse_scores('{"scores": [7, 3, 9]}', 3) == [7.0, 3.0, 9.0]
+    assert parse_scores("Sure!\n```json\n{'scores': [7.5, 3, 9,],}\n```\nHope this helps.", 3) == [7.5, 3.0, 9.0]
+    assert parse_scores("[2, 8] are my scores", 2) == [2.0, 8.0]
+    assert parse_scores('{"scores": [7, 3]}', 3) is None  # one per response, no fewer
+    assert parse_scores('{"scores": [true, 3]}', 2) is None
+    assert parse_scores('{"scores": ["7", 3]}', 2) is None
+    assert parse_scores("Response 1 is better.", 2) is None
+
+
+def test_the_judge_sees_the_conversation_and_every_response_in_the_order_given():
+    [message] = judge_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {there}"}],
+                             ["second {0}", "first"])
+    text = message["content"]
+    assert message["role"] == "user" and "2 responses" in text
+    assert "system: Be brief.\n\nuser: Hi {there}" in text
+    assert text.index("[Response 1]\nsecond {0}") < text.index("[Response 2]\nfirst")
+    assert text.endswith('{"scores": [one number per response, in the order shown]}')
+
+
+def test_a_model_judge_needs_a_generation_section(tmp_path):
+    path = tmp_path / "annotate.yaml"
+    path.write_text(yaml.safe_dump({"stage": "annotate", "run_dir": "r", "inputs": {"responses": "x.jsonl"},
+                                    "judge": {"kind": "model"}}))
+    with pytest.raises(RecipeError, match="judge.generation: a model judge needs a generation section"):
+        load_recipe(path)
+
+
+def test_unreadable_judge_answers_quarantine_the_item_with_the_answers(tmp_path):
+    model = init_checkpoint("tiny", tmp_path / "init", seed=0, num_hidden_layers=1, initializer_range=0.3)
+    generation = {"backend": "transformers", "model": str(model), "dtype": "float32", "temperature": 0.0,
+                  "max_new_tokens": 12}
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    recipe = tmp_path / "annotate.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "annotate", "run_dir": str(tmp_path / "run"), "inputs": {"responses": str(tmp_path / "responses.jsonl")},
+        "judge": {"kind": "model", "generation": generation, "both_orders": True}}))
+    manifest = run("annotate", load_recipe(recipe))
+    assert manifest["counts"]["processed"] == 0 and manifest["counts"]["quarantined_by_stage"] == len(ITEMS)
+    assert manifest["annotate"]["judge"] == {"kind": "model", "model": str(model), "both_orders": True}
+    quarantine = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
+    generator = make_generator(GenerationSpec(**generation))
+    try:
+        for item, entry in zip(ITEMS, quarantine):
+            contents = [r["content"] for r in item["responses"]]
+            shown, reversed_ = (generator.generate([judge_prompt(item["prompt"], order)], GenerationSpec(
+                **generation).sampling(seed=0))[0][0].text for order in (contents, contents[::-1]))
+            assert entry["row"]["id"] == item["id"]
+            assert entry["reason"] == (f"judge: no {len(contents)} scores in its answer: "
+                                       f"{shown[:300]!r} | {reversed_[:300]!r}")
+    finally:
+        generator.close()
