@@ -27,6 +27,13 @@ def setup(tmp_path_factory):
     return root, model, data
 
 
+@pytest.fixture(scope="module")
+def moe(setup) -> Path:
+    """A tiny MoE checkpoint, shared by the MoE tests (they only read it)."""
+    root, _, _ = setup
+    return init_checkpoint("tiny-moe", root / "init-moe", seed=0, num_hidden_layers=2)
+
+
 def _recipe(root: Path, stage: str, model, train, run_dir: Path, **training) -> Path:
     recipe = {
         "stage": stage, "run_dir": str(run_dir), "model": str(model), "dtype": "float32",
@@ -55,6 +62,29 @@ def test_sft_loss_falls_and_saves_a_standard_checkpoint(setup):
     history = json.loads((root / "sft" / "metrics.json").read_text())["log_history"]
     accuracy = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h and "loss" in h]
     assert len(accuracy) == 12 and accuracy[-1] > accuracy[0] + 0.1  # the model learns the answer format
+
+
+def test_trainer_tokenizer_tokenises_and_saves_as_loaded_and_hashes_stably(setup, tmp_path):
+    """What TRL's trainers get (`load_trainer_tokenizer`) is the checkpoint's tokenizer less its construction
+    copies: same ids and assistant masks, same saved files, and a fingerprint `datasets` reproduces."""
+    from datasets.fingerprint import Hasher
+
+    from alignment.tokenizer import load_tokenizer
+    from alignment.train.common import load_trainer_tokenizer
+
+    _, model, _ = setup
+    loaded, trainer = load_tokenizer(str(model)), load_trainer_tokenizer(str(model))
+    conversation = [{"role": "user", "content": "What is 12 * 7?"}, {"role": "assistant", "content": "12 * 7 = 84."}]
+    encode = lambda tok: tok.apply_chat_template(conversation, return_dict=True,  # noqa: E731
+                                                 return_assistant_tokens_mask=True)
+    assert encode(trainer) == encode(loaded) and 1 in encode(trainer)["assistant_masks"]
+    assert trainer("naïve café 🙂").input_ids == loaded("naïve café 🙂").input_ids
+    loaded.save_pretrained(tmp_path / "loaded")
+    trainer.save_pretrained(tmp_path / "trainer")
+    files = sorted(p.name for p in (tmp_path / "loaded").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "trainer").iterdir())
+    assert all((tmp_path / "loaded" / f).read_bytes() == (tmp_path / "trainer" / f).read_bytes() for f in files)
+    assert Hasher.hash(trainer) == Hasher.hash(load_trainer_tokenizer(str(model)))  # map caches still hit
 
 
 def test_packed_batch_loss_equals_samples_alone(setup):
@@ -124,7 +154,7 @@ def test_sft_killed_mid_training_resumes_to_the_same_weights(setup):
     killed = _recipe(root, "sft", model, data["demonstrations"], root / "sft-killed", **common)
     cli = lambda r: subprocess.Popen([sys.executable, "-m", "alignment.cli", "sft", "--recipe", str(r)],  # noqa: E731
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert cli(ref).wait(timeout=600) == 0
+    run("sft", load_recipe(ref))  # the uninterrupted reference, in this process
     proc = cli(killed)
     deadline = time.time() + 600
     while not (root / "sft-killed" / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline:
@@ -156,10 +186,9 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(setup):
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
-def test_moe_sft_and_dpo_train_with_the_router_aux_loss(setup):
+def test_moe_sft_and_dpo_train_with_the_router_aux_loss(setup, moe):
     """An MoE checkpoint goes through the same stages; TRL's trainers log the load-balancing loss."""
     root, _, data = setup
-    moe = init_checkpoint("tiny-moe", root / "init-moe", seed=0, num_hidden_layers=2)
     sft = _recipe(root, "sft", moe, data["demonstrations"], root / "sft-moe", max_steps=6, packing=True)
     m = run("sft", load_recipe(sft))["metrics"]
     assert m["last_logged_loss"] < m["first_logged_loss"]
@@ -172,9 +201,8 @@ def test_moe_sft_and_dpo_train_with_the_router_aux_loss(setup):
     assert all("aux_loss" in h for h in history if "loss" in h)
 
 
-def test_moe_reward_model_trains_and_loads_in_stock_transformers(setup):
+def test_moe_reward_model_trains_and_loads_in_stock_transformers(setup, moe):
     root, _, data = setup
-    moe = init_checkpoint("tiny-moe", root / "init-moe-rm", seed=0, num_hidden_layers=2)
     run("rm", load_recipe(_recipe(root, "rm", moe, data["preferences"], root / "rm-moe", max_steps=2)))
     stock = transformers.AutoModelForSequenceClassification.from_pretrained(root / "rm-moe")
     assert type(stock).__name__ == "Qwen2MoeForSequenceClassification"

@@ -121,7 +121,7 @@ def test_upcycled_tiny_model_trains(ckpts, tokenizer):
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(50):
+    for _ in range(30):  # the loss drops by ~2.0 in 30 steps (2.1 in 50): the bar is 1.0
         out = model(**batch, labels=labels, output_router_logits=True)
         # The padded batch checks that padding is left out of the load-balancing loss.
         assert abs(out.aux_loss.item() - _switch_loss(out.router_logits, batch["attention_mask"], top_k=2)) < 1e-6

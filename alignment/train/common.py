@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES, causal_lm_class
@@ -40,6 +41,7 @@ from ..data import DataError, RowKind, as_sources, read_rows, to_jsonl, trl_data
 from ..model import Qwen2ForCausalLM
 from ..precision import resolve_dtype
 from ..stages import RunStart, StageError, begin_run, write_manifest
+from ..tokenizer import load_tokenizer
 from .recipes import TrainRecipe
 
 
@@ -88,6 +90,22 @@ def load_training_data(recipe: TrainRecipe, kind: RowKind, run: RunStart) -> Tra
     counts = {"rows_in": sum(r.read for r in read.values()), "quarantined": len(quarantined),
               "merged_into_pairs": sum(r.merged for r in read.values()), "train": len(train), "eval": len(evaluation)}
     return TrainingData(kind, train, evaluation, counts)
+
+
+def load_trainer_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer (`load_tokenizer`) for TRL's trainers, without the Python copies of
+    the vocabulary and merges that tokenizers-backed classes such as Qwen2Tokenizer keep after building
+    their Rust tokenizer from them, and never read again.
+
+    Why: TRL tokenises through `Dataset.map` with the tokenizer in `fn_kwargs`, and `datasets`
+    fingerprints each map by pickling its arguments in pure Python: for Qwen2's 151,643 tokens and
+    151,387 merges that was ~2 s a map (train and eval: most of a trainer's start). The Rust tokenizer,
+    which encodes, decodes and is saved, is left as it is: tokenisation and saved files do not change."""
+    tokenizer = load_tokenizer(path)
+    if isinstance(tokenizer, TokenizersBackend):  # Python-backed tokenizers may use theirs
+        for construction_input in ("_vocab", "_merges"):
+            vars(tokenizer).pop(construction_input, None)
+    return tokenizer
 
 
 def compute_dtype(recipe: TrainRecipe) -> str:

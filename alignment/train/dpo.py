@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from ..tokenizer import load_tokenizer
 from .common import (
     TrainingData,
     load_frozen_model,
     load_trained_model,
+    load_trainer_tokenizer,
     load_training_data,
     peft_config,
     save_model,
@@ -81,7 +81,7 @@ def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, reference) -> Qwen2
         args=trl_config(recipe, DPOConfig),
         train_dataset=data.train_dataset(),
         eval_dataset=data.eval_dataset(),
-        processing_class=load_tokenizer(recipe.model),
+        processing_class=load_trainer_tokenizer(recipe.model),
         peft_config=peft_config(recipe),
     )
 

@@ -39,8 +39,16 @@ from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
 from ..generation import Completion, make_generator
 from ..optim import MERGING_OPTIMIZERS
 from ..stages import RunStart, StageError, begin_run, write_manifest
-from ..tokenizer import load_tokenizer
-from .common import compute_dtype, load_frozen_model, load_trained_model, plot_history, save_model, train, trl_config
+from .common import (
+    compute_dtype,
+    load_frozen_model,
+    load_trained_model,
+    load_trainer_tokenizer,
+    plot_history,
+    save_model,
+    train,
+    trl_config,
+)
 from .dpo import Qwen2DPOTrainer, completion_logprobs
 from .recipes import MergingSpec, OnlineDPORecipe
 
@@ -145,7 +153,7 @@ class OnlineDPO:
                              f"({len(read.quarantined)} quarantined, see {self.run_dir / 'quarantine.jsonl'})")
         self.counts = {"prompts_in": read.read, "quarantined": len(read.quarantined),
                        "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows)}
-        self.tokenizer = load_tokenizer(recipe.model)
+        self.tokenizer = load_trainer_tokenizer(recipe.model)
         dtype = DTYPES[compute_dtype(recipe)]
         self.scorer = scorer_class(recipe.reward_model, dtype=dtype)
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from trl import RewardConfig, RewardTrainer
 
 from ..checkpoint import DTYPES, reward_model_class
-from ..tokenizer import load_tokenizer
 from .common import (
     compute_dtype,
     load_trained_model,
+    load_trainer_tokenizer,
     load_training_data,
     peft_config,
     save_model,
@@ -34,7 +34,7 @@ def run_rm(recipe: RewardRecipe, scorer: Callable[..., object]) -> dict:
     if run.done:
         return run.done
     data = load_training_data(recipe, "preference", run)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_trainer_tokenizer(recipe.model)
     trainer = RewardTrainer(
         model=load_trained_model(recipe, reward_model_class(recipe.model), num_labels=1,
                                  pad_token_id=tokenizer.pad_token_id),

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from ..tokenizer import load_tokenizer
 from .common import (
     TrainingData,
     load_trained_model,
+    load_trainer_tokenizer,
     load_training_data,
     peft_config,
     save_model,
@@ -80,7 +80,7 @@ def build_sft_trainer(recipe: SFTRecipe, data: TrainingData) -> Qwen2SFTTrainer:
         args=trl_config(recipe, SFTConfig, eval_strategy=eval_strategy),
         train_dataset=data.train_dataset(),
         eval_dataset=data.eval_dataset(),
-        processing_class=load_tokenizer(recipe.model),
+        processing_class=load_trainer_tokenizer(recipe.model),
         peft_config=peft_config(recipe),
     )
 
