@@ -8,9 +8,9 @@ RECIPE  ?= recipes/tiny
 SET     ?=
 MOE     ?= tiny-moe
 STAGES  := generate instag select evolve responses annotate rejection execution repurpose constitution decontam \
-           assemble sft rm dpo online-dpo
+           assemble pretrain sft rm dpo online-dpo eval
 
-.PHONY: install test test-slow demo init upcycle check bench gpu-check clean annotators annotate-people annotate-export \
+.PHONY: install test test-slow demo init world upcycle check bench gpu-check clean annotators annotate-people annotate-export \
         $(STAGES)
 
 install:
@@ -39,6 +39,10 @@ demo:
 
 init:
 	$(BIN)/qwen2-align init --preset $(PRESET) --out runs/$(PRESET)/init
+
+# The demo's tiny world (pretraining corpus, held-out evaluation sets) that `make pretrain` reads.
+world:
+	$(BIN)/qwen2-align world --out runs/tiny/world
 
 check:
 	$(BIN)/qwen2-align check --recipes $(RECIPE)

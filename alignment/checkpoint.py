@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir
 from .model import (
@@ -23,12 +23,15 @@ from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, qwen2_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def chat_generation_config() -> GenerationConfig:
-    """Qwen2-Instruct's sampling defaults; generation stops at <|im_end|> or <|endoftext|>."""
+def chat_generation_config(tokenizer: PreTrainedTokenizerBase | None = None) -> GenerationConfig:
+    """Qwen2-Instruct's sampling defaults; generation stops at <|im_end|> or <|endoftext|> (their ids in
+    `tokenizer`, Qwen2's by default)."""
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (ENDOFTEXT, IM_END)} if tokenizer \
+        else CONTROL_TOKEN_IDS
     return GenerationConfig(
-        bos_token_id=CONTROL_TOKEN_IDS[ENDOFTEXT],
-        eos_token_id=[CONTROL_TOKEN_IDS[IM_END], CONTROL_TOKEN_IDS[ENDOFTEXT]],
-        pad_token_id=CONTROL_TOKEN_IDS[ENDOFTEXT],
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]],
+        pad_token_id=ids[ENDOFTEXT],
         do_sample=True,
         temperature=0.7,
         top_p=0.8,
@@ -37,15 +40,22 @@ def chat_generation_config() -> GenerationConfig:
     )
 
 
-def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
-    """Write a randomly initialised model of a preset shape, with tokenizer and generation config."""
+def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "float32",
+                    tokenizer: PreTrainedTokenizerBase | None = None, **overrides) -> Path:
+    """Write a randomly initialised model of a preset shape, with tokenizer and generation config.
+
+    With a `tokenizer` of its own (`reduced_tokenizer`), the vocabulary is that tokenizer's, rounded up to a
+    multiple of 64 rows as Qwen2's 151,936 is, and the control tokens' ids are its ids."""
+    if tokenizer is not None:
+        overrides = {"vocab_size": -(-len(tokenizer) // 64) * 64, "bos_token_id": tokenizer.convert_tokens_to_ids(
+            ENDOFTEXT), "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END)} | overrides
     config = preset_config(preset, **overrides)
     torch.manual_seed(seed)
     model = CAUSAL_LM_CLASSES[config.model_type](config).to(DTYPES[dtype])
-    model.generation_config = chat_generation_config()
+    model.generation_config = chat_generation_config(tokenizer)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        qwen2_tokenizer().save_pretrained(tmp)
+        (tokenizer or qwen2_tokenizer()).save_pretrained(tmp)
     return Path(out)
 
 

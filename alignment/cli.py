@@ -115,6 +115,19 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, stage: str) -> None:
                    help="override a recipe key (dotted for nested keys); repeatable")
 
 
+def _add_world(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/tiny/world", help="directory for the corpus and the evaluation sets")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_world(a: argparse.Namespace) -> int:
+    from data_synthesis.tiny_world import TinyWorld, write_world
+
+    for name, path in write_world(TinyWorld(seed=a.seed), a.out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _add_annotators(p: argparse.ArgumentParser) -> None:
     _add_recipe_arguments(p, "annotate")
     p.add_argument("--add", action="append", default=[], metavar="NAME",
@@ -244,6 +257,8 @@ COMMANDS: dict[str, Command] = {
     "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)",
                 _add_upcycle, _run_upcycle),
     "plan": ("parameter count and memory per GPU for a recipe", _add_plan, _run_plan),
+    "world": ("write the demo's tiny world: the pretraining corpus and the held-out evaluation sets", _add_world,
+              _run_world),
     "annotators": ("sign-in tokens of the people who rank responses in annotate's web app", _add_annotators,
                    _run_annotators),
     "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _run_push),
@@ -266,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("action", nargs="?", choices=[n for n, _, _ in spec.actions],
                            help="; ".join(f"{n}: {text}" for n, text, _ in spec.actions) + " (default: run the stage)")
         _add_recipe_arguments(p, name)
+        if name == "eval":
+            p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                           help="evaluate this checkpoint instead of the recipe's models; repeatable")
     for name, (text, add, runner) in COMMANDS.items():
         p = sub.add_parser(name, help=text if runner else f"{text} [not built yet]", description=text)
         if add:
@@ -287,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in pipeline.STAGES:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
-            recipe = pipeline.load_recipe(args.recipe, stage=name, overrides=args.set)
+            overrides = list(args.set)
+            if getattr(args, "model", None):
+                from .eval import models_override
+
+                overrides.append(models_override(args.model))
+            recipe = pipeline.load_recipe(args.recipe, stage=name, overrides=overrides)
             if not pipeline.is_built(name):
                 print(f"qwen2-align: {args.recipe} is valid, but stage '{name}' is not built yet", file=sys.stderr)
                 return 2

@@ -1,6 +1,6 @@
 """The stage table: every stage's name, help, recipe schema and runner, and the recipe loader.
 
-With `cli.py` this is the wiring layer: the only place in `alignment` that imports the
+With `cli.py` this is the wiring layer: with `eval.py`, the only place in `alignment` that imports the
 `data_synthesis` and `reward` packages (which themselves import from `alignment`).
 """
 
@@ -22,6 +22,7 @@ class StageSpec:
     recipe_class: str  # "module:Class", imported on use
     runner: str | None = None  # "module:Class" of a Stage, or "module:function(recipe)"; None = not built yet
     actions: tuple[tuple[str, str, str], ...] = ()  # (name, help, "module:function(recipe)"): `<stage> NAME`
+    demo_only: bool = False  # a recipe only in recipes/tiny (the demo's own base model)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -52,6 +53,9 @@ STAGES: dict[str, StageSpec] = {
                           "data_synthesis.decontam:DecontamStage"),
     "assemble": StageSpec("merge synthesis runs' D and P: dedup by content, decontaminated, lineage kept",
                           "data_synthesis.recipes:AssembleRecipe", "data_synthesis.assemble:AssembleStage"),
+    "pretrain": StageSpec("pretrain a tiny base model from scratch on text rows (the demo's base model)",
+                          "alignment.train.recipes:PretrainRecipe", "alignment.train.pretrain:run_pretrain",
+                          demo_only=True),
     "sft": StageSpec("supervised fine-tuning on D (TRL SFTTrainer)", "alignment.train.recipes:SFTRecipe",
                      "alignment.train.sft:run_sft"),
     "rm": StageSpec("reward model on P (TRL RewardTrainer)", "alignment.train.recipes:RewardRecipe",
@@ -60,6 +64,8 @@ STAGES: dict[str, StageSpec] = {
                      "alignment.train.dpo:run_dpo"),
     "online-dpo": StageSpec("online DPO with the online merging optimizer (OnDARE / OnTIES)",
                             "alignment.train.recipes:OnlineDPORecipe", "alignment.pipeline:run_online_dpo"),
+    "eval": StageSpec("evaluate models side by side: arithmetic, code pass@1, constraints, reward, perplexity, passkey",
+                      "alignment.eval:EvalRecipe", "alignment.eval:run_eval"),
 }
 
 

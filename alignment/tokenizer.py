@@ -13,9 +13,11 @@ import json
 import logging
 import re
 from functools import lru_cache
+from collections.abc import Iterable
 from pathlib import Path
 
 from jinja2 import TemplateError
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -64,9 +66,8 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def qwen2_tokenizer() -> Qwen2Tokenizer:
-    """Qwen2's tokenizer with ChatML: pad <|endoftext|>, eos <|im_end|>, 151,646 tokens."""
-    vocab, merges = _vocab_and_merges()
+def _chatml_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Qwen2Tokenizer:
+    """Qwen2's byte-level BPE over `vocab` and `merges`, the control tokens after the regular ones, ChatML."""
     tok = Qwen2Tokenizer(
         vocab=dict(vocab),
         merges=list(merges),
@@ -79,11 +80,41 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
     tok.eos_token = IM_END
     tok.chat_template = CHATML_TEMPLATE
     tok.padding_side = "right"
+    return tok
+
+
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2's tokenizer with ChatML: pad <|endoftext|>, eos <|im_end|>, 151,646 tokens."""
+    tok = _chatml_tokenizer(*_vocab_and_merges())
     for token, expected in CONTROL_TOKEN_IDS.items():
         got = tok.convert_tokens_to_ids(token)
         if got != expected:
             raise RuntimeError(f"control token {token} got id {got}, expected {expected}")
     return tok
+
+
+def reduced_tokenizer(texts: Iterable[str]) -> Qwen2Tokenizer:
+    """Qwen2's tokenizer cut down to what `texts` use, for a tiny model whose compute the 151,646-row
+    vocabulary would otherwise dominate (the demo's base model).
+
+    Kept: the 256 byte tokens, every token the texts tokenise into, and every token on the merge paths that
+    build those (each BPE token comes from one merge), with the merges among kept tokens in their order. The
+    texts then tokenise into exactly the same pieces as with the full tokenizer (the same merges fire in the
+    same order), and any other text still tokenises, into smaller pieces. Ids are renumbered in the full
+    vocabulary's order; the three control tokens follow the regular ones."""
+    full = qwen2_tokenizer()
+    vocab, merges = _vocab_and_merges()
+    made_by = {left + right: (left, right) for left, right in merges}
+    keep = set(ByteLevel.alphabet())
+    todo = {piece for text in texts for piece in full.tokenize(text)} - {ENDOFTEXT, IM_START, IM_END}
+    while todo:
+        token = todo.pop()
+        if token not in keep:
+            keep.add(token)
+            todo.update(made_by.get(token, ()))
+    kept = sorted(keep, key=vocab.__getitem__)
+    return _chatml_tokenizer({token: i for i, token in enumerate(kept)},
+                             [(l, r) for l, r in merges if l in keep and r in keep and l + r in keep])
 
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers applies

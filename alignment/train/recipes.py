@@ -79,6 +79,25 @@ class SFTRecipe(TrainRecipe):
 
 
 @dataclass
+class PretrainRecipe(SFTRecipe):
+    """A base model from scratch (alignment.train.pretrain): `training:` maps onto trl.SFTConfig, the inputs
+    are text rows, and the model is a random one of `preset`'s shape (`model` is not used)."""
+
+    model: str = ""
+    preset: str = "tiny"
+    vocabulary: Literal["full", "corpus"] = "full"  # corpus: only the tokens the corpus uses (see the module)
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's config fields
+
+    def __post_init__(self) -> None:
+        from ..model.presets import PRESETS
+
+        if self.model:
+            raise ValueError("model: pretraining starts from a random model of `preset`; leave model out")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+
+
+@dataclass
 class RewardRecipe(TrainRecipe):
     trl_config: ClassVar[str] = "trl.RewardConfig"
 

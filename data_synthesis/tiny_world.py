@@ -1,0 +1,164 @@
+"""The demo's tiny world: what its base model is pretrained on and what its stages and evaluation ask about.
+
+A model small enough to pretrain in minutes on two CPU cores knows only what it was shown, so the project writes
+its world: sums of numbers up to `max_operand`, word problems, short Python functions with their tests, simple
+facts, text under constraints (upper case, a number of words) and the principles of a constitution. The
+pretraining corpus (`pretrain.jsonl`, text rows) states these as prose and code, plus chat conversations about
+facts, constraints and code, so that the base model knows the chat format and the facts, but it never sees an
+arithmetic question asked in a chat: answering `What is {a} + {b}?` with the sum is what alignment has to teach.
+
+Held out: `eval_pairs` ordered (a, b) pairs. The corpus states their sums like any other (knowledge comes from
+pretraining), but no post-training input asks about them, so `eval/arithmetic.jsonl` asks questions no stage
+trained on. Everything is drawn from a seeded RNG: the same settings write the same bytes, which is what the
+pretrain stage's cache is keyed by.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignment.data import write_rows
+
+from .arithmetic import question
+
+SUM_SENTENCES = ("{a} plus {b} is {s}.", "The sum of {a} and {b} is {s}.", "Adding {a} and {b} gives {s}.",
+                 "{a} and {b} make {s}.", "If you add {b} to {a}, you get {s}.")
+WORD_PROBLEMS = ("{name} has {a} {thing}. {name} gets {b} more. Now {name} has {s} {thing}.",
+                 "There are {a} {thing} in a box and {b} {thing} on the table: {s} {thing} in all.",
+                 "{name} read {a} pages on Monday and {b} pages on Tuesday, {s} pages in two days.")
+NAMES = ("Tom", "Ana", "Li", "Sara", "Omar", "Kim", "Ben", "Mia")
+THINGS = ("apples", "books", "coins", "cards", "stones", "pens", "cups", "shells")
+FACTS = (("What colour is the sky?", "The sky is blue."), ("What colour is grass?", "Grass is green."),
+         ("What colour is snow?", "Snow is white."), ("What does a cat say?", "A cat says meow."),
+         ("What does a dog say?", "A dog says woof."), ("Where does the sun rise?", "The sun rises in the east."),
+         ("How many days are in a week?", "A week has 7 days."), ("How many legs does a spider have?",
+                                                                  "A spider has 8 legs."),
+         ("What do bees make?", "Bees make honey."), ("What is ice made of?", "Ice is frozen water."),
+         ("What is the capital of France?", "The capital of France is Paris."),
+         ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+         ("What do plants need to grow?", "Plants need light and water to grow."),
+         ("How many months are in a year?", "A year has 12 months."),
+         ("What is the opposite of hot?", "The opposite of hot is cold."),
+         ("What is the opposite of up?", "The opposite of up is down."))
+# (signature, what it does, body, tests)
+FUNCTIONS = (("add(a, b)", "returns the sum of a and b", "return a + b", "assert add(2, 3) == 5\nassert add(0, 7) == 7"),
+             ("is_even(n)", "returns True when n is even", "return n % 2 == 0",
+              "assert is_even(4)\nassert not is_even(7)"),
+             ("square(n)", "returns n times n", "return n * n", "assert square(3) == 9\nassert square(0) == 0"),
+             ("maximum(a, b)", "returns the larger of a and b", "return a if a > b else b",
+              "assert maximum(2, 9) == 9\nassert maximum(5, 1) == 5"),
+             ("reverse(text)", "returns the text backwards", "return text[::-1]",
+              "assert reverse('abc') == 'cba'\nassert reverse('') == ''"),
+             ("double(n)", "returns twice n", "return 2 * n", "assert double(4) == 8\nassert double(0) == 0"),
+             ("first(items)", "returns the first item of a list", "return items[0]",
+              "assert first([3, 1]) == 3\nassert first(['a']) == 'a'"),
+             ("count_a(text)", "counts the letters a in the text", "return text.count('a')",
+              "assert count_a('banana') == 3\nassert count_a('xyz') == 0"),
+             ("absolute(n)", "returns n without its sign", "return -n if n < 0 else n",
+              "assert absolute(-4) == 4\nassert absolute(3) == 3"),
+             ("is_empty(items)", "returns True when the list is empty", "return len(items) == 0",
+              "assert is_empty([])\nassert not is_empty([1])"))
+UPPER = (("Name a fruit.", "Apple."), ("Name a colour.", "Red."), ("Name an animal.", "A horse."),
+         ("Say hello.", "Hello there."), ("Name a day of the week.", "Monday."))
+THREE_WORDS = (("What do cats like?", "Cats like fish."), ("What is water?", "Water is wet."),
+               ("How is the weather?", "It is sunny."), ("What do birds do?", "Birds can fly."))
+PRINCIPLES = ("A good assistant is honest: it says so when it does not know.",
+              "A good assistant refuses to help anyone hurt people.",
+              "A good assistant answers the question that was asked, briefly.",
+              "A good assistant is polite, even when the user is rude.")
+
+
+@dataclass
+class TinyWorld:
+    """The world's settings; the corpus and the sets are functions of them."""
+
+    seed: int = 0
+    max_operand: int = 9
+    eval_pairs: int = 30
+    documents: int = 6000
+    lines_per_document: int = 8
+    chat_share: float = 0.25  # documents that are chat conversations (about anything but arithmetic)
+
+    def pairs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(train pairs, held-out eval pairs), ordered pairs of operands."""
+        every = [(a, b) for a in range(self.max_operand + 1) for b in range(self.max_operand + 1)]
+        random.Random(self.seed).shuffle(every)
+        return sorted(every[self.eval_pairs:]), sorted(every[:self.eval_pairs])
+
+
+def _sum_line(rng: random.Random, a: int, b: int) -> str:
+    if rng.random() < 0.3:
+        return rng.choice(WORD_PROBLEMS).format(a=a, b=b, s=a + b, name=rng.choice(NAMES), thing=rng.choice(THINGS))
+    return rng.choice(SUM_SENTENCES).format(a=a, b=b, s=a + b)
+
+
+def _prose_line(rng: random.Random, every_pair: list[tuple[int, int]]) -> str:
+    kind = rng.random()
+    if kind < 0.55:
+        return _sum_line(rng, *rng.choice(every_pair))
+    if kind < 0.7:
+        return rng.choice(FACTS)[1]
+    if kind < 0.85:
+        signature, what, body, tests = rng.choice(FUNCTIONS)
+        return f"# {signature.split('(')[0]} {what}.\ndef {signature}:\n    {body}\n\n{tests}\n"
+    if kind < 0.93:
+        prompt, reply = rng.choice(UPPER)
+        return f"{prompt} In upper case: {reply.upper()}"
+    if kind < 0.97:
+        prompt, reply = rng.choice(THREE_WORDS)
+        return f"{prompt} In three words: {reply}"
+    return rng.choice(PRINCIPLES)
+
+
+def chat_text(messages: list[dict]) -> str:
+    """A conversation as the ChatML text the tokenizer's template writes (pretraining reads text rows)."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def _chat(rng: random.Random) -> list[dict]:
+    kind = rng.random()
+    if kind < 0.45:
+        prompt, reply = rng.choice(FACTS)
+    elif kind < 0.7:
+        signature, what, body, _ = rng.choice(FUNCTIONS)
+        prompt, reply = f"Write a Python function `{signature}` that {what}.", f"def {signature}:\n    {body}"
+    elif kind < 0.85:
+        prompt, reply = rng.choice(UPPER)
+        prompt, reply = f"{prompt} Answer in upper case.", reply.upper()
+    else:
+        prompt, reply = rng.choice(THREE_WORDS)
+        prompt = f"{prompt} Answer in three words."
+    return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": prompt},
+            {"role": "assistant", "content": reply}]
+
+
+def pretraining_corpus(world: TinyWorld) -> list[dict]:
+    """Text rows: prose documents of `lines_per_document` lines, and chat conversations."""
+    rng = random.Random(world.seed + 1)
+    train, held_out = world.pairs()
+    every_pair = train + held_out
+    rows = []
+    for i in range(world.documents):
+        if rng.random() < world.chat_share:
+            text = chat_text(_chat(rng))
+        else:
+            text = "\n".join(_prose_line(rng, every_pair) for _ in range(world.lines_per_document))
+        rows.append({"id": f"world-{i:05d}", "text": text, "source": "tiny_world", "meta": {}})
+    return rows
+
+
+def arithmetic_eval(world: TinyWorld) -> list[dict]:
+    """The held-out questions, in the evaluation's contract: `What is {a} + {b}?`, answer in meta."""
+    return [{"id": f"eval-add-{a}-{b}", "messages": question(a, b), "source": "tiny_world",
+             "meta": {"a": a, "b": b, "answer": str(a + b)}} for a, b in world.pairs()[1]]
+
+
+def write_world(world: TinyWorld, out: str | Path) -> dict[str, Path]:
+    """Write the corpus and the evaluation sets; returns their paths by name."""
+    out = Path(out)
+    paths = {"pretrain": out / "pretrain.jsonl", "arithmetic_eval": out / "eval" / "arithmetic.jsonl"}
+    write_rows(paths["pretrain"], pretraining_corpus(world))
+    write_rows(paths["arithmetic_eval"], arithmetic_eval(world))
+    return paths

@@ -1,0 +1,87 @@
+"""The demo's base model: the tiny world's corpus, the vocabulary cut down to it, and the pretrain stage."""
+
+import json
+
+import pytest
+import yaml
+
+from alignment.pipeline import load_recipe, run
+from alignment.recipes import RecipeError
+from alignment.tokenizer import qwen2_tokenizer, reduced_tokenizer
+from data_synthesis.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus
+
+
+def test_the_reduced_vocabulary_tokenises_its_texts_exactly_as_qwen2_does():
+    texts = ["What is 13 + 24? The sum of 13 and 24 is 37.", "def add(a, b):\n    return a + b\n",
+             "<|im_start|>user\nName a fruit.<|im_end|>\n"]
+    full, reduced = qwen2_tokenizer(), reduced_tokenizer(texts)
+    assert 256 < len(reduced) < 400  # the byte tokens, the texts' tokens and their merge paths
+    for text in texts:
+        assert reduced.tokenize(text) == full.tokenize(text)
+    # any other text still tokenises (into smaller pieces) and decodes back to itself
+    unseen = "Ünïcödé 汉字 🙂 subtraction"
+    assert len(reduced.tokenize(unseen)) > len(full.tokenize(unseen))
+    assert reduced.decode(reduced(unseen)["input_ids"]) == unseen
+    conversation = [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"}]
+    assert reduced.apply_chat_template(conversation, tokenize=False) == full.apply_chat_template(conversation,
+                                                                                                tokenize=False)
+    control = reduced.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    assert control == [len(reduced) - 3, len(reduced) - 2, len(reduced) - 1] and reduced.eos_token == "<|im_end|>"
+
+
+def test_the_world_states_every_sum_but_never_asks_one_in_a_chat():
+    world = TinyWorld(documents=400)
+    train, held_out = world.pairs()
+    assert len(held_out) == world.eval_pairs and not set(train) & set(held_out)
+    assert len(train) + len(held_out) == (world.max_operand + 1) ** 2
+    corpus = pretraining_corpus(world)
+    assert corpus == pretraining_corpus(world)  # seeded: the same settings, the same rows
+    text = "\n".join(row["text"] for row in corpus)
+    assert "What is" not in text.replace("What is ice", "").replace("What is the", "").replace("What is water", "")
+    stated = sum(f" {a} and {b} " in text or f"{a} plus {b} " in text for a, b in held_out)
+    assert stated >= len(held_out) // 2  # the held-out sums are knowledge from pretraining
+    questions = arithmetic_eval(world)
+    assert [q["messages"][0]["content"] for q in questions[:2]] == [f"What is {a} + {b}?" for a, b in held_out[:2]]
+    assert all(q["meta"]["answer"] == str(q["meta"]["a"] + q["meta"]["b"]) for q in questions)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in pretraining_corpus(TinyWorld(documents=160))))
+    recipe = yaml.safe_load(open("recipes/tiny/pretrain.yaml"))
+    recipe |= {"run_dir": str(root / "base"), "inputs": {"train": str(corpus)}, "config": {"num_hidden_layers": 1},
+               "eval_fraction": 0.1}
+    recipe["training"] |= {"max_length": 128, "per_device_train_batch_size": 4, "logging_steps": 2,
+                           "learning_rate": 1.0e-2, "warmup_steps": 2}
+    path = root / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, run("pretrain", load_recipe(path))
+
+
+def test_pretraining_learns_the_corpus_with_the_reduced_vocabulary(pretrained):
+    path, manifest = pretrained
+    metrics, run_dir = manifest["metrics"], load_recipe(path).run_dir
+    assert metrics["last_logged_loss"] < 0.6 * metrics["first_logged_loss"]
+    config = json.load(open(f"{run_dir}/config.json"))
+    assert config["vocab_size"] == -(-metrics["vocabulary_rows"] // 64) * 64 < 2000
+    generation = json.load(open(f"{run_dir}/generation_config.json"))
+    assert generation["eos_token_id"][0] == metrics["vocabulary_rows"] - 1  # <|im_end|> of the reduced vocabulary
+    from alignment.generation import GenerationSpec, make_generator
+
+    spec = GenerationSpec(model=run_dir, dtype="float32", temperature=0.0, max_new_tokens=6)
+    with make_generator(spec) as generator:
+        [[reply]] = generator.generate([[{"role": "user", "content": "What colour is the sky?"}]], spec.sampling())
+    assert reply.num_tokens >= 1
+    assert run("pretrain", load_recipe(path))["finished"] == manifest["finished"]  # cached: a rerun does nothing
+
+
+def test_pretrain_recipe_errors(tmp_path):
+    recipe = yaml.safe_load(open("recipes/tiny/pretrain.yaml"))
+    for extra, expected in (({"model": "runs/tiny/init"}, "model: pretraining starts from a random model"),
+                            ({"preset": "huge"}, "preset: unknown preset 'huge'")):
+        path = tmp_path / "pretrain.yaml"
+        path.write_text(yaml.safe_dump(recipe | extra))
+        with pytest.raises(RecipeError, match=expected):
+            load_recipe(path)
