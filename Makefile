@@ -80,6 +80,7 @@ bench:
 	$(BIN)/python benchmarks/sandbox.py
 	$(BIN)/python benchmarks/packed_attention.py
 	$(BIN)/python benchmarks/alignment_tax.py
+	$(BIN)/python benchmarks/tiny_vocab.py
 
 # On a CUDA machine: parity, bf16 training steps, packed attention and DCA memory (benchmarks/gpu_check.py).
 gpu-check:

@@ -4,8 +4,11 @@ A model small enough to pretrain in minutes on two CPU cores knows only what it 
 its world: sums of numbers up to `max_operand`, word problems, short Python functions with their tests, simple
 facts, text under constraints (upper case, a number of words) and the principles of a constitution. The
 pretraining corpus (`pretrain.jsonl`, text rows) states these as prose and code, plus chat conversations about
-facts, constraints and code, so that the base model knows the chat format and the facts, but it never sees an
-arithmetic question asked in a chat: answering `What is {a} + {b}?` with the sum is what alignment has to teach.
+facts, constraints, code and sums asked in other words (`OTHER_SUM_QUESTIONS`), so that the base model knows the
+chat format, the facts and the sums, but never sees the question `What is {a} + {b}?`: answering it in the
+format, with the sum, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`, 93 s):
+the base model completes "The sum of a and b is" right for 29 of the 30 held-out pairs, and answers 3 of the 30
+held-out chat questions right (greedy), 9 of 240 samples at temperature 1: low, but not zero.
 
 Held out: `eval_pairs` ordered (a, b) pairs. The corpus states their sums like any other (knowledge comes from
 pretraining), but no post-training input asks about them, so `eval/arithmetic.jsonl` asks questions no stage
@@ -64,6 +67,10 @@ UPPER = (("Name a fruit.", "Apple."), ("Name a colour.", "Red."), ("Name an anim
          ("Say hello.", "Hello there."), ("Name a day of the week.", "Monday."))
 THREE_WORDS = (("What do cats like?", "Cats like fish."), ("What is water?", "Water is wet."),
                ("How is the weather?", "It is sunny."), ("What do birds do?", "Birds can fly."))
+# Arithmetic asked in other words than the evaluation's `What is {a} + {b}?`, about training pairs only: the base
+# model learns that a chat can ask for a sum, not how the demo's question is answered.
+OTHER_SUM_QUESTIONS = ("Add {a} and {b}.", "How much is {a} plus {b}?", "Tell me the sum of {a} and {b}.")
+OTHER_SUM_ANSWERS = ("{a} plus {b} is {s}.", "The sum is {s}.", "{a} and {b} make {s}.")
 PRINCIPLES = ("A good assistant is honest: it says so when it does not know.",
               "A good assistant refuses to help anyone hurt people.",
               "A good assistant answers the question that was asked, briefly.",
@@ -79,7 +86,8 @@ class TinyWorld:
     eval_pairs: int = 30
     documents: int = 6000
     lines_per_document: int = 8
-    chat_share: float = 0.25  # documents that are chat conversations (about anything but arithmetic)
+    chat_share: float = 0.25  # documents that are chat conversations
+    arithmetic_chat_share: float = 0.3  # of those, sums asked in other words (OTHER_SUM_QUESTIONS), training pairs
 
     def pairs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(train pairs, held-out eval pairs), ordered pairs of operands."""
@@ -117,9 +125,13 @@ def chat_text(messages: list[dict]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
-def _chat(rng: random.Random) -> list[dict]:
+def _chat(rng: random.Random, world: TinyWorld, train_pairs: list[tuple[int, int]]) -> list[dict]:
     kind = rng.random()
-    if kind < 0.45:
+    if kind < world.arithmetic_chat_share:
+        a, b = rng.choice(train_pairs)
+        prompt = rng.choice(OTHER_SUM_QUESTIONS).format(a=a, b=b)
+        reply = rng.choice(OTHER_SUM_ANSWERS).format(a=a, b=b, s=a + b)
+    elif kind < 0.45:
         prompt, reply = rng.choice(FACTS)
     elif kind < 0.7:
         signature, what, body, _ = rng.choice(FUNCTIONS)
@@ -142,7 +154,7 @@ def pretraining_corpus(world: TinyWorld) -> list[dict]:
     rows = []
     for i in range(world.documents):
         if rng.random() < world.chat_share:
-            text = chat_text(_chat(rng))
+            text = chat_text(_chat(rng, world, train))
         else:
             text = "\n".join(_prose_line(rng, every_pair) for _ in range(world.lines_per_document))
         rows.append({"id": f"world-{i:05d}", "text": text, "source": "tiny_world", "meta": {}})

@@ -54,7 +54,7 @@ def pretrained(tmp_path_factory):
     recipe |= {"run_dir": str(root / "base"), "inputs": {"train": str(corpus)}, "config": {"num_hidden_layers": 1},
                "eval_fraction": 0.1}
     recipe["training"] |= {"max_length": 128, "per_device_train_batch_size": 4, "logging_steps": 2,
-                           "learning_rate": 1.0e-2, "warmup_steps": 2}
+                           "learning_rate": 1.0e-2, "warmup_steps": 2, "num_train_epochs": 3}
     path = root / "pretrain.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path, run("pretrain", load_recipe(path))
@@ -63,7 +63,7 @@ def pretrained(tmp_path_factory):
 def test_pretraining_learns_the_corpus_with_the_reduced_vocabulary(pretrained):
     path, manifest = pretrained
     metrics, run_dir = manifest["metrics"], load_recipe(path).run_dir
-    assert metrics["last_logged_loss"] < 0.6 * metrics["first_logged_loss"]
+    assert metrics["last_logged_loss"] < 0.5 * metrics["first_logged_loss"]
     config = json.load(open(f"{run_dir}/config.json"))
     assert config["vocab_size"] == -(-metrics["vocabulary_rows"] // 64) * 64 < 2000
     generation = json.load(open(f"{run_dir}/generation_config.json"))
