@@ -6,9 +6,10 @@ facts, text under constraints (upper case, a number of words) and the principles
 pretraining corpus (`pretrain.jsonl`, text rows) states these as prose and code, plus chat conversations about
 facts, constraints, code and sums asked in other words (`OTHER_SUM_QUESTIONS`), so that the base model knows the
 chat format, the facts and the sums, but never sees the question `What is {a} + {b}?`: answering it in the
-format, with the sum, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`, 93 s):
-the base model completes "The sum of a and b is" right for 29 of the 30 held-out pairs, and answers 3 of the 30
-held-out chat questions right (greedy), 9 of 240 samples at temperature 1: low, but not zero.
+format, with the sum, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`,
+184 s): the base model completes "The sum of a and b is" right for all 30 held-out pairs, answers none of the 30
+held-out chat questions right greedily and 7 of 240 samples at temperature 1: low, but not zero. The sums are
+learned late: with 6,000 documents the same completion was right for 4 of 30 (12 of 30 after a second epoch).
 
 Held out: `eval_pairs` ordered (a, b) pairs. The corpus states their sums like any other (knowledge comes from
 pretraining), but no post-training input asks about them, so `eval/arithmetic.jsonl` asks questions no stage
@@ -63,6 +64,7 @@ FUNCTIONS = (("add(a, b)", "returns the sum of a and b", "return a + b", "assert
               "assert absolute(-4) == 4\nassert absolute(3) == 3"),
              ("is_empty(items)", "returns True when the list is empty", "return len(items) == 0",
               "assert is_empty([])\nassert not is_empty([1])"))
+HELD_OUT_FUNCTIONS = 3  # the last FUNCTIONS: in the corpus as code, asked for in a chat only by the evaluation
 UPPER = (("Name a fruit.", "Apple."), ("Name a colour.", "Red."), ("Name an animal.", "A horse."),
          ("Say hello.", "Hello there."), ("Name a day of the week.", "Monday."))
 THREE_WORDS = (("What do cats like?", "Cats like fish."), ("What is water?", "Water is wet."),
@@ -84,7 +86,7 @@ class TinyWorld:
     seed: int = 0
     max_operand: int = 9
     eval_pairs: int = 30
-    documents: int = 6000
+    documents: int = 10000
     lines_per_document: int = 8
     chat_share: float = 0.25  # documents that are chat conversations
     arithmetic_chat_share: float = 0.3  # of those, sums asked in other words (OTHER_SUM_QUESTIONS), training pairs
@@ -134,7 +136,7 @@ def _chat(rng: random.Random, world: TinyWorld, train_pairs: list[tuple[int, int
     elif kind < 0.45:
         prompt, reply = rng.choice(FACTS)
     elif kind < 0.7:
-        signature, what, body, _ = rng.choice(FUNCTIONS)
+        signature, what, body, _ = rng.choice(FUNCTIONS[:-HELD_OUT_FUNCTIONS])
         prompt, reply = f"Write a Python function `{signature}` that {what}.", f"def {signature}:\n    {body}"
     elif kind < 0.85:
         prompt, reply = rng.choice(UPPER)
@@ -167,10 +169,53 @@ def arithmetic_eval(world: TinyWorld) -> list[dict]:
              "meta": {"a": a, "b": b, "answer": str(a + b)}} for a, b in world.pairs()[1]]
 
 
+EVAL_CONSTRAINTS = ([{"kind": "capitals"}], [{"kind": "lowercase"}], [{"kind": "no_commas"}],
+                    [{"kind": "number_words", "relation": "at most", "num_words": 5}])
+
+
+def _prompt_row(row_id: str, content: str, **meta: object) -> dict:
+    return {"id": row_id, "messages": [{"role": "user", "content": content}], "source": "tiny_world", "meta": meta}
+
+
+def code_tasks(functions: tuple) -> list[dict]:
+    """Prompt rows asking for a function, its asserts in `meta.tests` (the `execution` stage's format)."""
+    return [_prompt_row(f"code-{signature.split('(')[0]}", f"Write a Python function `{signature}` that {what}.",
+                        tests=tests + "\n") for signature, what, _, tests in functions]
+
+
+def math_problems(world: TinyWorld, copies: int = 3) -> list[dict]:
+    """`What is {a} + {b}?` about the training pairs only, `copies` rows each, reference in `meta.answer`."""
+    return [_prompt_row(f"math-{a}-{b}-{k}", question(a, b)[0]["content"], a=a, b=b, answer=str(a + b))
+            for k in range(copies) for a, b in world.pairs()[0]]
+
+
+def base_text(world: TinyWorld, documents: int = 200) -> list[dict]:
+    """Prose documents drawn like the corpus's (another seed): the perplexity of the alignment tax."""
+    rng = random.Random(world.seed + 2)
+    every_pair = [pair for pairs in world.pairs() for pair in pairs]
+    return [{"id": f"base-text-{i:04d}", "text": "\n".join(_prose_line(rng, every_pair)
+                                                          for _ in range(world.lines_per_document)),
+             "source": "tiny_world", "meta": {}} for i in range(documents)]
+
+
 def write_world(world: TinyWorld, out: str | Path) -> dict[str, Path]:
-    """Write the corpus and the evaluation sets; returns their paths by name."""
+    """Write the corpus, the evaluation sets (`eval/`) and the inputs of the synthesis stages (`inputs/`), none
+    of which asks what an evaluation set asks; returns their paths by name."""
     out = Path(out)
-    paths = {"pretrain": out / "pretrain.jsonl", "arithmetic_eval": out / "eval" / "arithmetic.jsonl"}
-    write_rows(paths["pretrain"], pretraining_corpus(world))
-    write_rows(paths["arithmetic_eval"], arithmetic_eval(world))
+    facts = [question for question, _ in FACTS]
+    sets = {
+        "pretrain": pretraining_corpus(world),
+        "eval/arithmetic": arithmetic_eval(world),
+        "eval/code": code_tasks(FUNCTIONS[-HELD_OUT_FUNCTIONS:]),
+        "eval/constraints": [_prompt_row(f"eval-if-{i:02d}", fact, constraints=EVAL_CONSTRAINTS[i % 4])
+                             for i, fact in enumerate(facts[::2])],
+        "eval/base_text": base_text(world),
+        "inputs/math_problems": math_problems(world),
+        "inputs/code_tasks": code_tasks(FUNCTIONS[:-HELD_OUT_FUNCTIONS]),
+        "inputs/if_tasks": [_prompt_row(f"if-{i:02d}", fact) for i, fact in enumerate(facts[1::2])],
+    }
+    paths = {}
+    for name, rows in sets.items():
+        paths[name] = out / f"{name}.jsonl"
+        write_rows(paths[name], rows)
     return paths

@@ -8,7 +8,7 @@ import yaml
 from alignment.pipeline import load_recipe, run
 from alignment.recipes import RecipeError
 from alignment.tokenizer import qwen2_tokenizer, reduced_tokenizer
-from data_synthesis.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus
+from data_synthesis.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus, write_world
 
 
 def test_the_reduced_vocabulary_tokenises_its_texts_exactly_as_qwen2_does():
@@ -43,6 +43,20 @@ def test_the_world_states_every_sum_but_never_asks_one_in_a_chat():
     questions = arithmetic_eval(world)
     assert [q["messages"][0]["content"] for q in questions[:2]] == [f"What is {a} + {b}?" for a, b in held_out[:2]]
     assert all(q["meta"]["answer"] == str(q["meta"]["a"] + q["meta"]["b"]) for q in questions)
+
+
+def test_no_synthesis_input_asks_what_an_evaluation_set_asks(tmp_path):
+    paths = write_world(TinyWorld(documents=300), tmp_path)
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in paths.items()}
+    asked = lambda name: {row["messages"][-1]["content"] for row in rows[name]}  # noqa: E731
+    training = asked("inputs/math_problems") | asked("inputs/code_tasks") | asked("inputs/if_tasks")
+    for evaluation in ("eval/arithmetic", "eval/code", "eval/constraints"):
+        assert asked(evaluation) and not asked(evaluation) & training, evaluation
+    corpus = "\n".join(row["text"] for row in rows["pretrain"])
+    for prompt in asked("eval/code") | asked("eval/arithmetic"):
+        assert prompt not in corpus  # the held-out tasks are never asked in pretraining either
+    assert "def count_a(text):" in corpus  # but the knowledge they need is there
+    assert {row["meta"]["answer"] for row in rows["inputs/math_problems"]} <= {str(s) for s in range(19)}
 
 
 @pytest.fixture(scope="module")
