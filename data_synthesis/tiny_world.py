@@ -7,9 +7,9 @@ pretraining corpus (`pretrain.jsonl`, text rows) states these as prose and code,
 facts, constraints, code and sums asked in other words (`OTHER_SUM_QUESTIONS`), so that the base model knows the
 chat format, the facts and the sums, but never sees the question `What is {a} + {b}?`: answering it in the
 format, with the sum, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`,
-184 s): the base model completes "The sum of a and b is" right for all 30 held-out pairs, answers none of the 30
-held-out chat questions right greedily and 7 of 240 samples at temperature 1: low, but not zero. The sums are
-learned late: with 6,000 documents the same completion was right for 4 of 30 (12 of 30 after a second epoch).
+6 min 10 s): the base model completes "The sum of a and b is" right for 59 of 60 held-out pairs and answers 1 of
+the 100 held-out chat questions right: low, but not zero. The sums are learned late: a world of sums up to 9 with
+6,000 documents got 4 of 30 completions right (10,000 documents: all 30).
 
 Held out: `eval_pairs` ordered (a, b) pairs. The corpus states their sums like any other (knowledge comes from
 pretraining), but no post-training input asks about them, so `eval/arithmetic.jsonl` asks questions no stage
@@ -84,9 +84,9 @@ class TinyWorld:
     """The world's settings; the corpus and the sets are functions of them."""
 
     seed: int = 0
-    max_operand: int = 9
-    eval_pairs: int = 30
-    documents: int = 10000
+    max_operand: int = 19
+    eval_pairs: int = 100
+    documents: int = 20000
     lines_per_document: int = 8
     chat_share: float = 0.25  # documents that are chat conversations
     arithmetic_chat_share: float = 0.3  # of those, sums asked in other words (OTHER_SUM_QUESTIONS), training pairs
