@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.data import write_rows
+from alignment.tokenizer import qwen2_tokenizer
 
 from .arithmetic import question
 
@@ -122,11 +123,6 @@ def _prose_line(rng: random.Random, every_pair: list[tuple[int, int]]) -> str:
     return rng.choice(PRINCIPLES)
 
 
-def chat_text(messages: list[dict]) -> str:
-    """A conversation as the ChatML text the tokenizer's template writes (pretraining reads text rows)."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-
-
 def _chat(rng: random.Random, world: TinyWorld, train_pairs: list[tuple[int, int]]) -> list[dict]:
     kind = rng.random()
     if kind < world.arithmetic_chat_share:
@@ -153,10 +149,11 @@ def pretraining_corpus(world: TinyWorld) -> list[dict]:
     rng = random.Random(world.seed + 1)
     train, held_out = world.pairs()
     every_pair = train + held_out
+    chat_template = qwen2_tokenizer()  # conversations as the ChatML text the models will be prompted with
     rows = []
     for i in range(world.documents):
         if rng.random() < world.chat_share:
-            text = chat_text(_chat(rng, world, train))
+            text = chat_template.apply_chat_template(_chat(rng, world, train), tokenize=False)
         else:
             text = "\n".join(_prose_line(rng, every_pair) for _ in range(world.lines_per_document))
         rows.append({"id": f"world-{i:05d}", "text": text, "source": "tiny_world", "meta": {}})
