@@ -71,13 +71,20 @@ def database_path(recipe: AnnotateRecipe) -> Path:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode with full sync: a committed answer survives a crash of the process or machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A connection to an open database with full sync: a committed answer survives a crash of the process or
+    machine (one per request: the settings below are per connection, WAL mode is the file's)."""
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """`connect`, the file created if need be, in WAL mode and with the schema: once per command, not per request."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
     db.executescript(SCHEMA)
     return db
 
@@ -432,7 +439,7 @@ def stop(*_: Any) -> None:
 
 def serve(recipe: AnnotateRecipe) -> None:
     """Load the items and serve the ranking app until Ctrl-C or SIGTERM."""
-    with closing(connect(database_path(recipe))) as db:
+    with closing(open_database(database_path(recipe))) as db:
         loaded, problems = load_items(db, recipe)
         annotators = [r["name"] for r in db.execute("SELECT name FROM annotators WHERE token_sha256 IS NOT NULL")]
     for problem in problems:
@@ -544,7 +551,7 @@ def export_annotations(recipe: AnnotateRecipe) -> dict[str, Any]:
 
 def manage_annotators(recipe: AnnotateRecipe, add: list[str], revoke: list[str]) -> None:
     """Add (or give a new token to) and revoke annotators; print each new token once."""
-    with closing(connect(database_path(recipe))) as db:
+    with closing(open_database(database_path(recipe))) as db:
         revoke_annotators(db, revoke)
         for name, token in add_annotators(db, add).items():
             print(f"{name}\t{token}")

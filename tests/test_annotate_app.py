@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from alignment.pipeline import load_recipe
-from data_synthesis.annotate_app import (AnnotationApp, Refused, add_annotators, connect, item_ranking,
-                                         kendall_distance, krippendorff_alpha, load_items, merge_rankings)
+from data_synthesis.annotate_app import (AnnotationApp, Refused, add_annotators, item_ranking, kendall_distance,
+                                         krippendorff_alpha, load_items, merge_rankings, open_database)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -94,7 +94,7 @@ def test_item_status_from_its_annotations(tmp_path):
 def test_items_go_to_as_many_people_as_asked_and_skips_come_last(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, per_item=1))
     app = AnnotationApp(recipe)
-    with connect(app.path) as db:
+    with open_database(app.path) as db:
         assert load_items(db, recipe)[0] == 3
         add_annotators(db, ["alice", "bob"])
         assert app.next_item(db, "alice")["item"]["id"] == "q1"
