@@ -80,6 +80,16 @@ def parse_scores(text: str, count: int) -> list[float] | None:
     return None
 
 
+def judged_scores(answers: list[str], count: int) -> list[float] | str:
+    """One item's scores from the judge's answers: the first about the responses as given, a second (if any)
+    about them in reverse order, mapped back and averaged; or why they could not be read, with the answers."""
+    read = [parse_scores(text, count) for text in answers]
+    if any(scores is None for scores in read):
+        return f"judge: no {count} scores in its answer: " + " | ".join(repr(text[:300]) for text in answers)
+    in_order = [read[0], *(scores[::-1] for scores in read[1:])]
+    return [sum(column) / len(in_order) for column in zip(*in_order)]
+
+
 def rank(scores: list[float]) -> list[int]:
     """Response indices, highest score first; equal scores keep the responses' order."""
     return sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -172,19 +182,9 @@ class AnnotateStage(Stage):
                    for row in rows for reverse in orders]
         answers = self.generator.generate(prompts, self.recipe.judge.generation.sampling(seed=ctx.seed))
         ctx.progress.add_tokens(sum(c.num_tokens for cs in answers for c in cs))
-        texts = iter(cs[0].text for cs in answers)
-        out: list[list[float] | str] = []
-        for row in rows:
-            count, read = len(row["responses"]), []
-            for reverse in orders:
-                text = next(texts)
-                scores = parse_scores(text, count)
-                read.append((text, scores[::-1] if scores and reverse else scores))
-            if any(scores is None for _, scores in read):
-                out.append(f"judge: no {count} scores in its answer: " + " | ".join(repr(t[:300]) for t, _ in read))
-            else:
-                out.append([sum(column) / len(read) for column in zip(*(scores for _, scores in read))])
-        return out
+        texts = [cs[0].text for cs in answers]
+        return [judged_scores(texts[i * len(orders):(i + 1) * len(orders)], len(row["responses"]))
+                for i, row in enumerate(rows)]
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         problems = [item_problem(row) for row in rows]

@@ -10,7 +10,7 @@ from alignment.checkpoint import init_checkpoint
 from alignment.generation import GenerationSpec, make_generator
 from alignment.pipeline import load_recipe, run
 from alignment.recipes import RecipeError
-from data_synthesis.annotate import judge_prompt, parse_scores
+from data_synthesis.annotate import judge_prompt, judged_scores, parse_scores
 
 ITEMS = [{"id": f"q{i}", "prompt": [{"role": "user", "content": question}],
           "responses": [{"content": reply, "model": "m", "strategy": s} for reply, s in zip(replies, ("a", "b", "c"))],
@@ -27,6 +27,14 @@ def test_scores_are_read_leniently_and_only_when_complete():
     assert parse_scores('{"scores": [true, 3]}', 2) is None
     assert parse_scores('{"scores": ["7", 3]}', 2) is None
     assert parse_scores("Response 1 is better.", 2) is None
+
+
+def test_both_orders_map_back_to_the_responses_before_averaging():
+    assert judged_scores(['{"scores": [9, 1, 5]}'], 3) == [9.0, 1.0, 5.0]
+    # the second answer is about the responses reversed: [4, 2, 8] scores responses 2, 1, 0
+    assert judged_scores(['{"scores": [9, 1, 5]}', "[4, 2, 8]"], 3) == [8.5, 1.5, 4.5]
+    assert judged_scores(['{"scores": [9, 1, 5]}', "no idea"], 3) == (
+        "judge: no 3 scores in its answer: '{\"scores\": [9, 1, 5]}' | 'no idea'")
 
 
 def test_the_judge_sees_the_conversation_and_every_response_in_the_order_given():
