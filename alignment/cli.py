@@ -215,36 +215,11 @@ def _run_upcycle(a: argparse.Namespace) -> int:
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    """The tiny pipeline as far as it is built, with the figures that show each stage working."""
-    import json
-
-    from data_synthesis.arithmetic import answer_quality, write_arithmetic_sets
-
-    from .atomic import atomic_write_text
+    """Every stage on the tiny world, then the report (alignment/demo.py)."""
+    from .demo import run_demo
 
     _run_check(argparse.Namespace(recipes="recipes/tiny"))
-    root = Path("runs/tiny")
-    if not (root / "init" / "config.json").exists():
-        _run_init(argparse.Namespace(preset="tiny", out=str(root / "init"), seed=0, dtype="float32",
-                                     initializer_range=None))
-    if not (root / "data" / "preferences.jsonl").exists():
-        write_arithmetic_sets(root / "data", n_demonstrations=2000, n_preferences=1200, seed=0)
-    recipe = lambda stage: pipeline.load_recipe(f"recipes/tiny/{stage}.yaml")  # noqa: E731
-    pipeline.run("generate", recipe("generate"))
-    sft = pipeline.run("sft", recipe("sft"))["metrics"]
-    chat = answer_quality(root / "sft")
-    rm = pipeline.run("rm", recipe("rm"))["metrics"]
-    dpo = pipeline.run("dpo", recipe("dpo"))["metrics"]
-    summary = {"sft": sft, "sft_answers": chat, "rm": rm, "dpo": dpo}
-    atomic_write_text(root / "demo-summary.json", json.dumps(summary, indent=2) + "\n")
-    print("\n== demo: the tiny pipeline ==")
-    print(f"SFT  loss {sft['first_logged_loss']:.3f} -> {sft['last_logged_loss']:.3f} (eval {sft['eval_loss']:.3f}); "
-          f"{chat['in_format']}/{chat['questions']} replies in the answer format, {chat['ended_turn']} ended their turn, "
-          f"{chat['correct']} correct; e.g. {chat['example']['question']!r} -> {chat['example']['reply']!r}")
-    print(f"RM   held-out pair accuracy {rm['heldout_pair_accuracy']:.1%} (chance 50%)")
-    print(f"DPO  held-out log p(chosen) - log p(rejected): {dpo['heldout_margin_reference']:+.2f} (SFT) -> "
-          f"{dpo['heldout_margin_policy']:+.2f} (DPO)")
-    print(f"curves: {root}/{{sft,rm,dpo}}/curves.png; summary: {root / 'demo-summary.json'}")
+    run_demo()
     return 0
 
 

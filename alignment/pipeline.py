@@ -111,12 +111,13 @@ def run_reward_model(recipe: Any) -> Any:
 
 
 def run_online_dpo(recipe: Any) -> Any:
-    """The online DPO stage, with the reward model that picks best and worst."""
+    """The online DPO stage, with the reward model and the verifier that pick best and worst."""
     from reward.model import RewardModel
+    from reward.verifiers import answer_is_correct
 
     from .train.online_dpo import run_online_dpo as run
 
-    return run(recipe, RewardModel)
+    return run(recipe, RewardModel, answer_is_correct)
 
 
 def is_built(name: str) -> bool:

@@ -161,14 +161,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` overrides; a number after a list's key is its index (`generators.0.n=4`)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        node: Any = data
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"--set {text}: {'.'.join(path[:depth])} has {len(node)} items; "
+                                      f"{part!r} is not one of their indices")
+                part = int(part)
+            elif not last and not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
     return data
 
 

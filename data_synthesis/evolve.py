@@ -106,7 +106,12 @@ def rewrite_prompt(operation: str, instruction: str, recipe: EvolveRecipe) -> st
         return TREE.format(nodes=recipe.tree_new_nodes, limit=recipe.tree_max_words, instruction=instruction)
     if operation == "breadth":
         return BREADTH.format(limit=recipe.max_added_words, instruction=instruction)
-    return _DEPTH.format(method=IN_DEPTH[operation], limit=recipe.max_added_words, instruction=instruction)
+    return depth_prompt(operation, instruction, recipe.max_added_words)
+
+
+def depth_prompt(operation: str, instruction: str, max_added_words: int) -> str:
+    """The teacher's prompt for one in-depth rewrite (an `IN_DEPTH` operation)."""
+    return _DEPTH.format(method=IN_DEPTH[operation], limit=max_added_words, instruction=instruction)
 
 
 def _normalised(text: str) -> str:

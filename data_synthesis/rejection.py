@@ -1,8 +1,8 @@
 """`rejection`: rejection sampling for math, the report's recipe for verifiable answers.
 
 For every problem (a prompt row whose `meta.answer` is the reference), `generation.n` reasoning
-paths are sampled; a path is correct when its final answer (`reward.verifiers.extract_answer`)
-equals the reference as mathematics (`math_equal`). Correct paths, deduplicated, become
+paths are sampled; a path is correct when its final answer equals the reference as mathematics
+(`reward.verifiers.answer_is_correct`). Correct paths, deduplicated, become
 demonstrations (D); correct vs incorrect paths become preference pairs (P), up to
 `pairs_per_problem` per problem; every problem gets a score row with pass@1 (the share of
 correct samples) and pass@k (any correct). Output rows carry their lineage in `meta`.
@@ -16,7 +16,7 @@ from typing import Any
 
 from alignment.data import Quarantined
 from alignment.stages import Outcome, ShardContext
-from reward.verifiers import extract_answer, math_equal
+from reward.verifiers import answer_is_correct
 
 from .generate import GeneratingStage, lineage
 from .recipes import RejectionRecipe
@@ -37,8 +37,7 @@ def judge_paths(reference: str, paths: list[str]) -> JudgedPaths:
     incorrect: list[str] = []
     correct_samples = 0
     for path in paths:
-        answer = extract_answer(path)
-        right = answer is not None and math_equal(reference, answer)
+        right = answer_is_correct(reference, path)
         correct_samples += right
         kept = correct if right else incorrect
         if path.strip() and path.strip() not in (p.strip() for p in kept):

@@ -19,6 +19,7 @@ pretrain stage's cache is keyed by.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,12 @@ from pathlib import Path
 from alignment.data import write_rows
 from alignment.tokenizer import qwen2_tokenizer
 
+from .annotate import judge_prompt
 from .arithmetic import question
+from .constitution import FOLLOW_SYSTEM, VIOLATE_SYSTEM
+from .evolve import depth_prompt
+from .instag import TAG_PROMPT
+from .repurpose import DETAIL_TEMPLATES, OPENING_TEMPLATE
 
 SUM_SENTENCES = ("{a} plus {b} is {s}.", "The sum of {a} and {b} is {s}.", "Adding {a} and {b} gives {s}.",
                  "{a} and {b} make {s}.", "If you add {b} to {a}, you get {s}.")
@@ -89,8 +95,10 @@ class TinyWorld:
     eval_pairs: int = 100
     documents: int = 20000
     lines_per_document: int = 8
-    chat_share: float = 0.25  # documents that are chat conversations
-    arithmetic_chat_share: float = 0.3  # of those, sums asked in other words (OTHER_SUM_QUESTIONS), training pairs
+    chat_share: float = 0.3  # documents that are chat conversations
+    skill_share: float = 0.3  # of those, the synthesis stages' teacher tasks (CHAT_SKILLS)
+    arithmetic_chat_share: float = 0.3  # of the rest, sums about training pairs, asked in other words...
+    contract_share: float = 0.05  # ...or, this share of them, in the evaluation's words (`What is {a} + {b}?`)
 
     def pairs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(train pairs, held-out eval pairs), ordered pairs of operands."""
@@ -123,24 +131,127 @@ def _prose_line(rng: random.Random, every_pair: list[tuple[int, int]]) -> str:
     return rng.choice(PRINCIPLES)
 
 
-def _chat(rng: random.Random, world: TinyWorld, train_pairs: list[tuple[int, int]]) -> list[dict]:
-    kind = rng.random()
-    if kind < world.arithmetic_chat_share:
+# The intentions an InsTag tagger should see in each kind of the world's instructions: (tag, explanation).
+KIND_TAGS = {
+    "sum": (("addition", "The user asks for the sum of two numbers."),
+            ("arithmetic", "Adding numbers is arithmetic.")),
+    "fact": (("general knowledge", "The user asks a question about the world."),),
+    "code": (("python", "The user wants Python code."),
+             ("function writing", "The answer is a function that does one thing.")),
+    "upper": (("formatting", "The answer has to follow a format."),
+              ("upper case", "Every letter of the answer must be a capital.")),
+    "three_words": (("brevity", "The answer has to be short."),
+                    ("word count", "The answer must have exactly three words.")),
+}
+# add_constraint rewrites the tiny teacher learns for `evolve`: what is appended to the instruction.
+ADDED_CONSTRAINTS = (" Answer in upper case.", " Answer in three words.", " Do not use commas.")
+# `constitution`'s prompts by principle of recipes/constitution/default.yaml: (prompt, follower, violator reply).
+SAFETY = {
+    "harm-avoidance": (("How do I make my brother cry?", "I will not help you hurt him. Be kind to your brother.",
+                        "Take his toys and laugh at him."),
+                       ("How can I break my neighbour's window?", "I will not help with that. Talk to your "
+                        "neighbour instead.", "Throw a big stone at it at night."),
+                       ("How do I scare the cat?", "Please do not scare the cat. Let it rest.",
+                        "Shout at it and chase it around the house.")),
+    "honesty": (("Will it rain tomorrow?", "I do not know. I cannot see the weather.",
+                 "Yes, it will rain at noon. I am sure."),
+                ("What is my friend's name?", "I do not know your friend's name.",
+                 "Your friend is called Sam. I am certain."),
+                ("How many fish are in the sea?", "Nobody knows the exact number.",
+                 "There are exactly 4 million fish.")),
+}
+# Characters for `repurpose`'s role-play: (name, who they are, the opening a user sends, their reply).
+PROFILES = (("Tom", "a baker in a small town", "Hello Tom! What do you do all day?",
+             "I bake bread and cakes every morning."),
+            ("Ana", "a sailor on an old ship", "Hi Ana! Do you like the sea?", "I love the sea. It is my home."),
+            ("Li", "a gardener in a big park", "Hello Li! What grows in your park?",
+             "Roses, trees and a lot of grass."),
+            ("Omar", "a teacher at a village school", "Hi Omar! What do you teach?",
+             "I teach sums and reading to children."))
+CHAT_SKILLS = ("tag", "judge", "evolve", "constitution", "repurpose", "opening", "roleplay")  # stages' own prompts
+
+
+def profile_text(name: str, who: str) -> str:
+    return f"You are {name}, {who}. You are friendly and you speak briefly."
+
+
+def _principles() -> dict:
+    from .constitution import DEFAULT_CONSTITUTION, load_constitution
+
+    return {p.id: p for p in load_constitution(DEFAULT_CONSTITUTION)}
+
+
+def _instruction(rng: random.Random, train_pairs: list[tuple[int, int]]) -> tuple[str, str, str]:
+    """(kind, instruction, a right reply) of a chat the world holds; sums only about training pairs, never in
+    the evaluation's words."""
+    kind = rng.choice(tuple(KIND_TAGS))
+    if kind == "sum":
         a, b = rng.choice(train_pairs)
-        prompt = rng.choice(OTHER_SUM_QUESTIONS).format(a=a, b=b)
-        reply = rng.choice(OTHER_SUM_ANSWERS).format(a=a, b=b, s=a + b)
-    elif kind < 0.45:
-        prompt, reply = rng.choice(FACTS)
-    elif kind < 0.7:
+        return (kind, rng.choice(OTHER_SUM_QUESTIONS).format(a=a, b=b),
+                rng.choice(OTHER_SUM_ANSWERS).format(a=a, b=b, s=a + b))
+    if kind == "fact":
+        return (kind, *rng.choice(FACTS))
+    if kind == "code":
         signature, what, body, _ = rng.choice(FUNCTIONS[:-HELD_OUT_FUNCTIONS])
-        prompt, reply = f"Write a Python function `{signature}` that {what}.", f"def {signature}:\n    {body}"
-    elif kind < 0.85:
+        return kind, f"Write a Python function `{signature}` that {what}.", f"def {signature}:\n    {body}"
+    if kind == "upper":
         prompt, reply = rng.choice(UPPER)
-        prompt, reply = f"{prompt} Answer in upper case.", reply.upper()
+        return kind, f"{prompt} Answer in upper case.", reply.upper()
+    prompt, reply = rng.choice(THREE_WORDS)
+    return kind, f"{prompt} Answer in three words.", reply
+
+
+def _skill_turn(rng: random.Random, skill: str, train_pairs: list[tuple[int, int]]) -> tuple[str | None, str, str]:
+    """A teacher task of a synthesis stage, asked with that stage's own prompt: (system message or None for the
+    default one, user turn, the right answer)."""
+    if skill == "tag":
+        kind, instruction, _ = _instruction(rng, train_pairs)
+        tags = [{"tag": tag, "explanation": why} for tag, why in KIND_TAGS[kind]]
+        return None, TAG_PROMPT.format(query=instruction), json.dumps(tags)
+    if skill == "evolve":
+        kind, instruction, _ = _instruction(rng, train_pairs)
+        added = rng.choice([c for c in ADDED_CONSTRAINTS if c.strip().rstrip(".") not in instruction])
+        return None, depth_prompt("add_constraint", instruction, 20), instruction + added
+    if skill == "constitution":  # as a system message, the principle to keep or the flaw to show
+        principle, (prompt, follower, violator) = rng.choice([(p, case) for p, cases in SAFETY.items()
+                                                              for case in cases])
+        if rng.random() < 0.5:
+            return FOLLOW_SYSTEM.format(follow=_principles()[principle].follow), prompt, follower
+        return VIOLATE_SYSTEM.format(violate=_principles()[principle].violate), prompt, violator
+    if skill == "repurpose":  # a fact's sentence -> the question it answers
+        question, answer = rng.choice(FACTS)
+        level = rng.choice(tuple(DETAIL_TEMPLATES))
+        asked = {"brief": question, "detailed": f"{question} Answer in one full sentence.",
+                 "very_detailed": f"{question} Answer in one full sentence, plainly and without a list."}[level]
+        return None, DETAIL_TEMPLATES[level].replace("{text}", answer), asked
+    if skill in ("opening", "roleplay"):
+        name, who, opening, reply = rng.choice(PROFILES)
+        if skill == "opening":
+            return None, OPENING_TEMPLATE.replace("{profile}", profile_text(name, who)), opening
+        return profile_text(name, who), opening, reply
+    a, b = rng.choice(train_pairs)  # judge: sums right (9) and wrong (2), in any order
+    prompt = [{"role": "user", "content": rng.choice(OTHER_SUM_QUESTIONS).format(a=a, b=b)}]
+    sums = [a + b, a + b + rng.choice((-3, -2, -1, 1, 2, 3)), a + b + rng.choice((-10, 4, 5, 10))]
+    chosen = rng.sample(sums[:2] + [sums[rng.randrange(3)]], rng.choice((2, 3)))
+    replies = [rng.choice(OTHER_SUM_ANSWERS).format(a=a, b=b, s=s) for s in chosen]
+    scores = [9 if s == a + b else 2 for s in chosen]
+    return None, judge_prompt(prompt, replies)[0]["content"], json.dumps({"scores": scores})
+
+
+def _chat(rng: random.Random, world: TinyWorld, train_pairs: list[tuple[int, int]]) -> list[dict]:
+    system = None
+    if rng.random() < world.skill_share:
+        system, prompt, reply = _skill_turn(rng, rng.choice(CHAT_SKILLS), train_pairs)
+    elif rng.random() < world.arithmetic_chat_share:
+        a, b = rng.choice(train_pairs)
+        if rng.random() < world.contract_share:  # the evaluation's question, rarely, about training pairs
+            prompt, reply = question(a, b)[0]["content"], f"{a} + {b} = {a + b}."
+        else:
+            prompt = rng.choice(OTHER_SUM_QUESTIONS).format(a=a, b=b)
+            reply = rng.choice(OTHER_SUM_ANSWERS).format(a=a, b=b, s=a + b)
     else:
-        prompt, reply = rng.choice(THREE_WORDS)
-        prompt = f"{prompt} Answer in three words."
-    return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": prompt},
+        _, prompt, reply = _instruction(rng, train_pairs)
+    return [{"role": "system", "content": system or "You are a helpful assistant."}, {"role": "user", "content": prompt},
             {"role": "assistant", "content": reply}]
 
 
@@ -195,6 +306,20 @@ def base_text(world: TinyWorld, documents: int = 200) -> list[dict]:
              "source": "tiny_world", "meta": {}} for i in range(documents)]
 
 
+def instructions(world: TinyWorld, sums: int = 20) -> list[dict]:
+    """The world's kinds of instruction, for `instag` to tag: every fact, training function, constraint prompt,
+    and `sums` sums asked in other words (training pairs)."""
+    rng = random.Random(world.seed + 3)
+    train = world.pairs()[0]
+    asked = [question for question, _ in FACTS]
+    asked += [f"Write a Python function `{signature}` that {what}."
+              for signature, what, _, _ in FUNCTIONS[:-HELD_OUT_FUNCTIONS]]
+    asked += [f"{prompt} Answer in upper case." for prompt, _ in UPPER]
+    asked += [f"{prompt} Answer in three words." for prompt, _ in THREE_WORDS]
+    asked += [rng.choice(OTHER_SUM_QUESTIONS).format(a=a, b=b) for a, b in rng.sample(train, sums)]
+    return [_prompt_row(f"instruction-{i:03d}", text) for i, text in enumerate(asked)]
+
+
 def write_world(world: TinyWorld, out: str | Path) -> dict[str, Path]:
     """Write the corpus, the evaluation sets (`eval/`) and the inputs of the synthesis stages (`inputs/`), none
     of which asks what an evaluation set asks; returns their paths by name."""
@@ -207,6 +332,13 @@ def write_world(world: TinyWorld, out: str | Path) -> dict[str, Path]:
         "eval/constraints": [_prompt_row(f"eval-if-{i:02d}", fact, constraints=EVAL_CONSTRAINTS[i % 4])
                              for i, fact in enumerate(facts[::2])],
         "eval/base_text": base_text(world),
+        "inputs/instructions": instructions(world),
+        "inputs/documents": [{"id": f"fact-{i:02d}", "text": answer, "source": "tiny_world", "meta": {}}
+                             for i, (_, answer) in enumerate(FACTS)],
+        "inputs/profiles": [{"id": f"profile-{name.lower()}", "text": profile_text(name, who), "source": "tiny_world",
+                             "meta": {"name": name}} for name, who, _, _ in PROFILES],
+        "inputs/safety_prompts": [_prompt_row(f"safety-{principle}-{i}", prompt, principle=principle)
+                                  for principle, cases in SAFETY.items() for i, (prompt, _, _) in enumerate(cases)],
         "inputs/math_problems": math_problems(world),
         "inputs/code_tasks": code_tasks(FUNCTIONS[:-HELD_OUT_FUNCTIONS]),
         "inputs/if_tasks": [_prompt_row(f"if-{i:02d}", fact) for i, fact in enumerate(facts[1::2])],

@@ -54,3 +54,10 @@ def math_equal(reference: str, answer: str) -> bool:
     if not gold or not predicted:
         return False
     return verify(gold, predicted, timeout_seconds=timeout)
+
+
+def answer_is_correct(reference: str, response: str) -> bool:
+    """Whether a response's final answer (`extract_answer`) equals the reference: the rejection stage's test of
+    a path, and online DPO's verifiable reward."""
+    answer = extract_answer(response)
+    return answer is not None and math_equal(str(reference), answer)

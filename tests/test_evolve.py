@@ -88,7 +88,6 @@ def test_recipe_checks(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(RecipeError, match="generation.n: must be 1"):
         _recipe(tmp_path, generation={"backend": "transformers", "model": "m", "n": 2})
-    assert load_recipe("recipes/tiny/evolve.yaml").inputs["instructions"] == "recipes/tiny/data/prompts.jsonl"
 
 
 class _Progress:

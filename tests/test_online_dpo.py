@@ -3,6 +3,7 @@ generator and TRL's DPOTrainer with the merging optimizer), its pairing rule, it
 run killed with SIGKILL mid-episode that resumes to the same policy as an uninterrupted run."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,10 @@ from alignment.data import write_rows
 from alignment.pipeline import load_recipe, run
 from alignment.recipes import RecipeError
 from alignment.tokenizer import load_tokenizer
-from alignment.train.online_dpo import best_and_worst, episode_prompts
+from alignment.stages import begin_run
+from alignment.train.online_dpo import OnlineDPO, best_and_worst, episode_prompts
+from reward.model import RewardModel
+from reward.verifiers import answer_is_correct
 from data_synthesis.arithmetic import math_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +57,8 @@ def _overrides(setup: dict, run_dir: Path) -> list[str]:
             f"inputs.prompts={setup['prompts']}", f"merging.base_model={setup['base']}", "episodes=2",
             "prompts_per_episode=4", "samples_per_prompt=3", "eval_prompts=2", "generation.max_new_tokens=6",
             "generation.temperature=1.0", "training.per_device_train_batch_size=4", "training.learning_rate=1e-3",
-            "merging.reserve_rate=0.5", "merging.alpha=0.01", "dtype=float32"]
+            "merging.reserve_rate=0.5", "merging.alpha=0.01", "dtype=float32", "verifier=none",
+            "min_reward_margin=0.0"]
 
 
 def test_episode_prompts_are_a_seeded_draw_without_repeats():
@@ -122,6 +127,32 @@ def test_online_dpo_runs_episodes_and_a_killed_run_resumes_to_the_same_policy(ti
         ours, theirs = (json.loads((d / f"episode-{episode:03d}/metrics.json").read_text()) for d in (killed, whole))
         untimed = lambda metrics: {k: v for k, v in metrics.items() if k not in timing}  # noqa: E731
         assert untimed(ours) == untimed(theirs)
+
+
+def test_the_verifier_decides_and_the_reward_model_orders_within_a_verdict(tiny_setup, tmp_path):
+    """reward = (final answer == meta.answer) + sigmoid(RM score) / 2; prompts without an answer are quarantined."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = math_problems(4, seed=5)
+    write_rows(prompts, rows + [{"id": "no-answer", "messages": [{"role": "user", "content": "Hi"}]}])
+    overrides = _overrides(tiny_setup, tmp_path / "run") + [f"inputs.prompts={prompts}", "verifier=math",
+                                                             "eval_prompts=1"]
+    recipe = load_recipe(RECIPE, overrides=overrides)
+    online = OnlineDPO(recipe, begin_run("online-dpo", recipe, ["prompts"]), RewardModel, answer_is_correct)
+    assert online.counts["quarantined"] == 1 and len(online.train_rows) + len(online.eval_rows) == 4
+    row = rows[0]
+    answer = int(row["meta"]["answer"])
+    texts = [f"The sum is {answer}.", f"It is {answer + 1}.", f"{answer} or maybe {answer - 1}", "no number"]
+    rewards = online.rewards([row] * 4, texts)
+    scores = RewardModel(tiny_setup["rm"])([row["messages"] + [{"role": "assistant", "content": t}] for t in texts])
+    assert [int(r) for r in rewards] == [1, 0, 0, 0]
+    assert rewards == pytest.approx([v + 0.5 / (1 + math.exp(-s)) for v, s in zip((1, 0, 0, 0), scores)])
+
+    verifier_only = load_recipe(RECIPE, overrides=overrides + ["reward_model=", f"run_dir={tmp_path / 'v'}"])
+    alone = OnlineDPO(verifier_only, begin_run("online-dpo", verifier_only, ["prompts"]), RewardModel,
+                      answer_is_correct)
+    assert alone.scorer is None and alone.rewards([row] * 4, texts) == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(RecipeError, match="reward_model: required without a verifier"):
+        load_recipe(RECIPE, overrides=overrides + ["reward_model=", "verifier=none"])
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The demo's base model: the tiny world's corpus, the vocabulary cut down to it, and the pretrain stage."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -8,6 +9,11 @@ import yaml
 from alignment.pipeline import load_recipe, run
 from alignment.recipes import RecipeError
 from alignment.tokenizer import qwen2_tokenizer, reduced_tokenizer
+from data_synthesis.annotate import JUDGE_PROMPT
+from data_synthesis.constitution import FOLLOW_SYSTEM, VIOLATE_SYSTEM
+from data_synthesis.evolve import depth_prompt
+from data_synthesis.instag import TAG_PROMPT
+from data_synthesis.repurpose import DETAIL_TEMPLATES, OPENING_TEMPLATE
 from data_synthesis.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus, write_world
 
 
@@ -29,15 +35,20 @@ def test_the_reduced_vocabulary_tokenises_its_texts_exactly_as_qwen2_does():
     assert control == [len(reduced) - 3, len(reduced) - 2, len(reduced) - 1] and reduced.eos_token == "<|im_end|>"
 
 
-def test_the_world_states_every_sum_but_never_asks_one_in_a_chat():
-    world = TinyWorld(documents=400)
+def test_the_world_states_every_sum_and_asks_the_evaluation_question_rarely_about_training_pairs():
+    world = TinyWorld(documents=2000)
     train, held_out = world.pairs()
     assert len(held_out) == world.eval_pairs and not set(train) & set(held_out)
     assert len(train) + len(held_out) == (world.max_operand + 1) ** 2
     corpus = pretraining_corpus(world)
     assert corpus == pretraining_corpus(world)  # seeded: the same settings, the same rows
     text = "\n".join(row["text"] for row in corpus)
-    assert "What is" not in text.replace("What is ice", "").replace("What is the", "").replace("What is water", "")
+    asked = {(int(a), int(b)) for a, b in re.findall(r"What is (\d+) \+ (\d+)\?", text)}
+    assert asked and asked <= set(train)  # the evaluation's question, never about a held-out pair...
+    assert text.count("What is") - len(re.findall(r"What is (ice|the|water|my)", text)) < 0.01 * len(corpus)  # ...rarely
+    for prompt in (TAG_PROMPT[:40], JUDGE_PROMPT[:40], FOLLOW_SYSTEM[:40], VIOLATE_SYSTEM[:40], OPENING_TEMPLATE[:40],
+                   depth_prompt("add_constraint", "x", 20)[:40], DETAIL_TEMPLATES["brief"][:40]):
+        assert prompt in text  # the synthesis stages' own prompts: the base model is their teacher
     stated = sum(f" {a} and {b} " in text or f"{a} plus {b} " in text for a, b in held_out)
     assert stated >= len(held_out) // 2  # the held-out sums are knowledge from pretraining
     questions = arithmetic_eval(world)

@@ -85,6 +85,16 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert r.generation.model == "m"
 
 
+def test_overrides_index_lists_and_name_a_bad_index(tmp_path):
+    path = _write(tmp_path, "stage: responses\nrun_dir: x\ninputs: {instructions: i.jsonl}\ngenerators:\n"
+                            "  - {strategy: greedy, model: a}\n  - {strategy: sampled, model: b, n: 2}\n")
+    r = load_recipe(path, overrides=["generators.1.n=5", "generators.0.model=c"])
+    assert [(g.model, g.n) for g in r.generators] == [("c", 1), ("b", 5)]
+    for bad in ("generators.2.n=5", "generators.first.n=5"):
+        with pytest.raises(RecipeError, match=r"--set generators\.\w+\.n=5: generators has 2 items"):
+            load_recipe(path, overrides=[bad])
+
+
 def test_cli_prints_one_line_without_traceback(tmp_path):
     path = _write(tmp_path, "stage: generate\nrun_dir: x\nshard_sise: 4\n")
     out = subprocess.run([sys.executable, "-m", "alignment.cli", "generate", "--recipe", str(path)],

@@ -76,11 +76,10 @@ def test_recipes_are_checked_and_both_stages_are_built(tiny, tmp_path):
     for preset in ("tiny", "qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         recipe = load_recipe(f"recipes/{preset}/responses.yaml")
         assert len(recipe.generators) == 2 and all(g.strategy for g in recipe.generators)
-        assert load_recipe(f"recipes/{preset}/annotate.yaml").judge.kind == "reward_model"
-    tiny_recipe = load_recipe("recipes/tiny/responses.yaml")
-    assert tiny_recipe.inputs["instructions"] == "recipes/tiny/data/prompts.jsonl"
-    assert [g.strategy for g in tiny_recipe.generators] == ["greedy", "sampled"]
-    assert load_recipe("recipes/tiny/annotate.yaml").judge.path == "runs/tiny/rm"
+        # the demo's judge is its base model (the tiny world taught it to score); real presets use a reward model
+        assert load_recipe(f"recipes/{preset}/annotate.yaml").judge.kind == ("model" if preset == "tiny"
+                                                                             else "reward_model")
+    assert [g.strategy for g in load_recipe("recipes/tiny/responses.yaml").generators] == ["greedy", "sampled"]
 
     path = tmp_path / "r.yaml"
     base = _responses_recipe(tiny, tmp_path / "run")

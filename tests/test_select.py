@@ -116,4 +116,3 @@ def test_recipe_checks(tmp_path):
         with pytest.raises(RecipeError, match=f"{key}: must be >= 1") as e:
             load_recipe(_write(tmp_path, 4, **{key: value}))
         assert "\n" not in str(e.value)
-    assert load_recipe("recipes/tiny/select.yaml").inputs["tagged"] == "recipes/tiny/data/tagged_instructions.jsonl"

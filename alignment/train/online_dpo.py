@@ -1,5 +1,6 @@
 """Online DPO: each episode samples `samples_per_prompt` responses per prompt from the current policy, the
-reward model scores them, the best and the worst become a pair (a pair whose reward margin is not above
+reward (the reward model's score, a verifier's verdict on the final answer, or both: recipe `verifier`) rates
+them, the best and the worst become a pair (a pair whose reward margin is not above
 `min_reward_margin` is dropped: a tie teaches nothing), and DPO trains on the pairs with TRL's DPOTrainer
 and the recipe's optimizer: AdamW, or an online merging optimizer (`merging.method`: ondare / onties,
 alignment.optim) that mixes each update with tau = reference - base.
@@ -12,9 +13,9 @@ alignment.optim) that mixes each update with tau = reference - base.
     run_dir/                           the final policy, metrics.json, curves.png, manifest.json
 
 After each episode the policy is evaluated on held-out prompts (`eval_prompts` of them): the mean reward of
-one sample each, the win rate against the reference model's samples judged by the reward model (ties count
-half), and KL(policy || reference) estimated on the policy's samples as the mean of
-log p_policy(y) - log p_reference(y). The transformers backend loads each episode's policy from its saved
+one sample each (with a verifier, also the share that is correct), the win rate against the reference
+model's samples judged by the reward (ties count half), and KL(policy || reference) estimated on the policy's
+samples as the mean of log p_policy(y) - log p_reference(y). The transformers backend loads each episode's policy from its saved
 folder, so a resumed run samples exactly what an uninterrupted one does; vLLM keeps one engine and receives
 the new weights in place (`VLLMGenerator.load_weights`; restarted on vLLM's CPU build).
 """
@@ -22,10 +23,12 @@ the new weights in place (`VLLMGenerator.load_weights`; restarted on vLLM's CPU 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -136,26 +139,32 @@ class PolicySampler:
 class OnlineDPO:
     """One run: episodes of sample -> score -> pair -> DPO, each finished episode kept on disk."""
 
-    def __init__(self, recipe: OnlineDPORecipe, run: RunStart, scorer_class: type):
+    def __init__(self, recipe: OnlineDPORecipe, run: RunStart, scorer_class: type,
+                 answer_check: Callable[[str, str], bool]):
         self.recipe, self.run, self.run_dir = recipe, run, run.run_dir
         self.reference = recipe.reference or recipe.model  # the SFT model: DPO's reference and tau's end
         try:
             read = read_rows(recipe.inputs["prompts"], "prompt")
         except DataError as e:
             raise StageError(f"online-dpo: {e}") from None
-        atomic_write_text(self.run_dir / "quarantine.jsonl", to_jsonl([q.record() for q in read.quarantined]))
-        rows = read.rows
+        rows, quarantined = read.rows, [q.record() for q in read.quarantined]
+        if recipe.verifier != "none":  # a prompt the verifier cannot check has no reward
+            quarantined += [{"reason": "meta.answer: the verifier needs a reference answer", "origin": r["id"],
+                             "row": r} for r in rows if not str(r.get("meta", {}).get("answer", "")).strip()]
+            rows = [r for r in rows if str(r.get("meta", {}).get("answer", "")).strip()]
         held = set(random.Random(recipe.seed).sample(range(len(rows)), min(recipe.eval_prompts, len(rows) - 1)))
         self.eval_rows = [r for i, r in enumerate(rows) if i in held]
         self.train_rows = [r for i, r in enumerate(rows) if i not in held]
+        atomic_write_text(self.run_dir / "quarantine.jsonl", to_jsonl(quarantined))
         if not self.train_rows:
             raise StageError("online-dpo: inputs.prompts: no valid prompt rows to train on "
-                             f"({len(read.quarantined)} quarantined, see {self.run_dir / 'quarantine.jsonl'})")
-        self.counts = {"prompts_in": read.read, "quarantined": len(read.quarantined),
+                             f"({len(quarantined)} quarantined, see {self.run_dir / 'quarantine.jsonl'})")
+        self.counts = {"prompts_in": read.read, "quarantined": len(quarantined),
                        "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows)}
         self.tokenizer = load_trainer_tokenizer(recipe.model)
         dtype = DTYPES[compute_dtype(recipe)]
-        self.scorer = scorer_class(recipe.reward_model, dtype=dtype)
+        self.scorer = scorer_class(recipe.reward_model, dtype=dtype) if recipe.reward_model else None
+        self.answer_check = answer_check
 
     def episode_dir(self, episode: int) -> Path:
         return self.run_dir / f"episode-{episode:03d}"
@@ -167,8 +176,19 @@ class OnlineDPO:
         path = self.episode_dir(episode) / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def rewards(self, prompts: list[list[dict]], texts: list[str]) -> list[float]:
-        return self.scorer([p + _reply(t) for p, t in zip(prompts, texts)])
+    def verdicts(self, rows: list[dict], texts: list[str]) -> list[bool]:
+        """Whether each response's final answer equals its prompt row's `meta.answer` (the verifier)."""
+        return [self.answer_check(str(r["meta"]["answer"]), t) for r, t in zip(rows, texts)]
+
+    def rewards(self, rows: list[dict], texts: list[str]) -> list[float]:
+        """The reward of each response to its prompt row (the recipe's docstring says how it is made)."""
+        scores = self.scorer([r["messages"] + _reply(t) for r, t in zip(rows, texts)]) if self.scorer else None
+        if self.recipe.verifier == "none":
+            return scores
+        verdicts = [float(v) for v in self.verdicts(rows, texts)]
+        if scores is None:
+            return verdicts
+        return [v + 0.5 / (1.0 + math.exp(-s)) for v, s in zip(verdicts, scores)]
 
     def reference_rewards(self) -> list[float]:
         """The rewards of one sample of the reference model per held-out prompt: sampled and scored once, kept
@@ -181,7 +201,7 @@ class OnlineDPO:
         with make_generator(spec) as generator:
             completions = generator.generate(prompts, spec.sampling(seed=self.recipe.seed + EVAL_SEED, n=1))
         texts = [c[0].text for c in completions]
-        rewards = self.rewards(prompts, texts)
+        rewards = self.rewards(self.eval_rows, texts)
         atomic_write_text(path, to_jsonl([{"id": r["id"], "response": t, "reward": reward}
                                           for r, t, reward in zip(self.eval_rows, texts, rewards)]))
         return rewards
@@ -194,14 +214,17 @@ class OnlineDPO:
         sampler.use(policy)
         completions, _ = sampler.sample(prompts, 1, self.recipe.seed + EVAL_SEED)
         texts = [c[0].text for c in completions]
-        rewards = self.rewards(prompts, texts)
+        rewards = self.rewards(self.eval_rows, texts)
         reference_rewards = self.reference_rewards()
         wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(rewards, reference_rewards)]
         replies = [_reply(t) for t in texts]
         policy_logp = completion_logprobs(load_frozen_model(policy, self.recipe), self.tokenizer, prompts, replies)
         reference_logp = completion_logprobs(load_frozen_model(self.reference, self.recipe), self.tokenizer,
                                              prompts, replies)
-        return {"eval_reward_mean": sum(rewards) / len(rewards), "win_rate_vs_reference": sum(wins) / len(wins),
+        accuracy = {} if self.recipe.verifier == "none" else {
+            "eval_accuracy": sum(self.verdicts(self.eval_rows, texts)) / len(texts)}
+        return {"eval_reward_mean": sum(rewards) / len(rewards), **accuracy,
+                "win_rate_vs_reference": sum(wins) / len(wins),
                 "kl_to_reference": sum(p - q for p, q in zip(policy_logp, reference_logp)) / len(texts)}
 
     def sample_and_pair(self, sampler: PolicySampler, episode: int) -> tuple[list[dict], list[dict], dict]:
@@ -215,8 +238,8 @@ class OnlineDPO:
             rows = episode_prompts(self.train_rows, recipe, episode)
             prompts = [r["messages"] for r in rows]
             completions, seconds = sampler.sample(prompts, recipe.samples_per_prompt, recipe.seed + episode)
-            flat = [(p, c.text) for p, cs in zip(prompts, completions) for c in cs]
-            rewards = iter(self.rewards([p for p, _ in flat], [t for _, t in flat]))
+            flat = [(r, c.text) for r, cs in zip(rows, completions) for c in cs]
+            rewards = iter(self.rewards([r for r, _ in flat], [t for _, t in flat]))
             samples = [{"id": r["id"], "prompt": r["messages"], "responses": [c.text for c in cs],
                         "rewards": [next(rewards) for _ in cs]} for r, cs in zip(rows, completions)]
             tokens = sum(c.num_tokens for cs in completions for c in cs)
@@ -237,7 +260,9 @@ class OnlineDPO:
         atomic_write_text(directory / "pairs.jsonl", to_jsonl(pairs))
         rewards = [r for s in samples for r in s["rewards"]]
         margins = [p["meta"]["reward_chosen"] - p["meta"]["reward_rejected"] for p in pairs]
-        stats = {"samples": len(rewards), "sample_reward_mean": sum(rewards) / len(rewards),
+        accuracy = {} if recipe.verifier == "none" else {  # the verdict is the reward's integer part
+            "sample_accuracy": sum(r >= 1.0 for r in rewards) / len(rewards)}
+        stats = {"samples": len(rewards), "sample_reward_mean": sum(rewards) / len(rewards), **accuracy,
                  "sample_reward_max": max(rewards), "pairs_kept": len(pairs),
                  "pairs_dropped": len(samples) - len(pairs),
                  "pair_margin_mean": sum(margins) / len(margins) if margins else 0.0, **timing}
@@ -324,16 +349,17 @@ class OnlineDPO:
         return json.loads((self.run_dir / "manifest.json").read_text())
 
 
-SHOWN = ("sample_reward_mean", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "win_rate_vs_reference",
-         "kl_to_reference")
+SHOWN = ("sample_reward_mean", "sample_accuracy", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "eval_accuracy",
+         "win_rate_vs_reference", "kl_to_reference")
 
 
-def run_online_dpo(recipe: OnlineDPORecipe, scorer_class: type) -> dict:
-    """`scorer_class(path, dtype=)` scores conversations (the CLI passes `reward.model.RewardModel`)."""
+def run_online_dpo(recipe: OnlineDPORecipe, scorer_class: type, answer_check: Callable[[str, str], bool]) -> dict:
+    """`scorer_class(path, dtype=)` scores conversations and `answer_check(reference, response)` is the verifier
+    (the CLI passes `reward.model.RewardModel` and `reward.verifiers.answer_is_correct`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StageError("online-dpo: runs in one process for now (sampling and scoring are not sharded)")
     run = begin_run("online-dpo", recipe, ["prompts"])
     if run.done:
         return run.done
-    online = OnlineDPO(recipe, run, scorer_class)
+    online = OnlineDPO(recipe, run, scorer_class, answer_check)
     return online.finish(online.run_episodes())

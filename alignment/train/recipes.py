@@ -134,10 +134,15 @@ class MergingSpec:
 
 @dataclass
 class OnlineDPORecipe(DPORecipe):
-    """inputs.prompts -> episodes of: samples from the policy, best vs worst by the reward model, DPO on the
-    pairs (alignment.train.online_dpo). `reference` (default: `model`) is DPO's reference and tau's SFT end."""
+    """inputs.prompts -> episodes of: samples from the policy, best vs worst by the reward, DPO on the pairs
+    (alignment.train.online_dpo). `reference` (default: `model`) is DPO's reference and tau's SFT end.
 
-    reward_model: str = ""  # scores samples; best and worst form a pair
+    The reward is the reward model's score, or with `verifier: math` whether the response's final answer equals
+    the prompt row's `meta.answer` (1 or 0); with both, correctness decides and the reward model orders the
+    responses within each verdict (reward = verdict + sigmoid(score) / 2)."""
+
+    reward_model: str = ""  # a reward-model run dir that scores samples
+    verifier: Literal["none", "math"] = "none"  # math: the final answer checked against meta.answer
     prompts_per_episode: int = 64
     samples_per_prompt: int = 4
     episodes: int = 1
@@ -148,8 +153,8 @@ class OnlineDPORecipe(DPORecipe):
     merging: MergingSpec = field(default_factory=MergingSpec)
 
     def __post_init__(self) -> None:
-        if not self.reward_model:
-            raise ValueError("reward_model: required (a reward-model run dir, e.g. runs/tiny/rm)")
+        if not self.reward_model and self.verifier == "none":
+            raise ValueError("reward_model: required without a verifier (a reward-model run dir, e.g. runs/tiny/rm)")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: must be >= 2 (best and worst of them), got {self.samples_per_prompt}")
         for name in ("prompts_per_episode", "episodes"):

@@ -1,0 +1,119 @@
+"""`make demo`: every stage of the pipeline on the tiny world, each with its recipe in `recipes/tiny/`, then a
+report (`alignment.report`) of what each stage bought.
+
+    world -> pretrain (the base model, cached) -> generate, instag -> select -> evolve -> responses -> annotate
+    (the base model as judge), rejection, execution (code, constraints), repurpose (literature, role-play),
+    constitution, decontam -> assemble -> sft -> rm -> dpo -> online-dpo (OnDARE) -> eval -> push dry-runs
+
+The base model is the teacher of every synthesis stage: the tiny world taught it the stages' own prompts
+(`data_synthesis.tiny_world.CHAT_SKILLS`). The pretrain run is cached under `runs/tiny/base` and reused while the
+corpus and its recipe are the same (a changed one is trained again). The other stages belong to one demo run:
+a demo killed midway resumes where it stopped (every stage resumes), and a demo started after a finished one,
+or on another base model, starts those stages afresh, so the report always shows what this code does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import pipeline
+from .atomic import atomic_write_text
+from .stages import StageError
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    name: str  # the run's name: its recipe is recipes/tiny/<name>.yaml, its run dir runs/tiny/<name>
+    stage: str
+
+    @property
+    def recipe_path(self) -> str:
+        return f"recipes/tiny/{self.name}.yaml"
+
+
+STEPS = tuple(DemoStep(name, name.removesuffix("-if").removesuffix("-roleplay")) for name in (
+    "generate", "instag", "select", "evolve", "responses", "annotate", "rejection", "execution", "execution-if",
+    "repurpose", "repurpose-roleplay", "constitution", "decontam", "assemble", "sft", "rm", "dpo", "online-dpo",
+    "eval"))
+PUSH_REPO = "your-org/qwen2-tiny-demo"  # where the dry-runs would upload; nothing leaves the machine
+
+
+def _world(root: Path, settings: dict) -> None:
+    from data_synthesis.tiny_world import TinyWorld, write_world
+
+    write_world(TinyWorld(**settings), root / "world")
+
+
+def _pretrain(root: Path, overrides: list[str]) -> dict:
+    """The cached base model: a finished run of this recipe and corpus is reused, any other is replaced."""
+    recipe = pipeline.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides)
+    try:
+        return pipeline.run("pretrain", recipe)
+    except StageError as e:
+        if "different recipe or inputs" not in str(e):
+            raise
+    print(f"demo: {recipe.run_dir} was trained on another corpus or recipe: training the base model again")
+    shutil.rmtree(recipe.run_dir)
+    return pipeline.run("pretrain", pipeline.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides))
+
+
+def _start_fresh_or_resume(root: Path, base_fingerprint: str) -> dict:
+    """The demo's state: resume an unfinished demo on the same base model, else clear the stage run dirs."""
+    state_path = root / "demo.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("finished", True) or state.get("base") != base_fingerprint:
+        for step in STEPS:
+            shutil.rmtree(root / step.name, ignore_errors=True)
+        shutil.rmtree(root / "push", ignore_errors=True)
+        state = {"base": base_fingerprint, "finished": False, "seconds": {}}
+        atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+    else:
+        print(f"demo: resuming the unfinished demo in {root} (finished stages are kept)")
+    return state
+
+
+def run_demo(root: str | Path = "runs/tiny", overrides: dict[str, list[str]] | None = None,
+             world: dict | None = None) -> dict:
+    """Run the demo in the current directory (the recipes name `runs/tiny/...`; `root` is where they point).
+    `overrides` maps a step name (or "pretrain") to `--set` overrides and `world` sets `TinyWorld` fields: the
+    shortened demo of the test suite uses both. Returns the report's summary."""
+    from .report import write_report
+
+    root, overrides = Path(root), overrides or {}
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    _world(root, world or {})
+    seconds["world"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    base = _pretrain(root, overrides.get("pretrain", []))
+    seconds["pretrain"] = time.perf_counter() - clock
+    state = _start_fresh_or_resume(root, base["fingerprint"])
+    state_path = root / "demo.json"
+    for step in STEPS:
+        recipe = pipeline.load_recipe(step.recipe_path, stage=step.stage, overrides=overrides.get(step.name, []))
+        print(f"\n== demo: {step.name} ({step.recipe_path}) ==", flush=True)
+        clock = time.perf_counter()
+        pipeline.run(step.stage, recipe)
+        state["seconds"][step.name] = state["seconds"].get(step.name, 0.0) + time.perf_counter() - clock
+        atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+    clock = time.perf_counter()
+    push_dry_runs(root)
+    state["seconds"]["push"] = time.perf_counter() - clock
+    state["seconds"] = seconds | state["seconds"]
+    summary = write_report(root, STEPS, state["seconds"], time.perf_counter() - started)
+    state["finished"] = True
+    atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+    return summary
+
+
+def push_dry_runs(root: Path) -> dict[str, Path]:
+    """What `push` and `push-data` would upload: the final model with its card, and the assembled D and P."""
+    from .hub import push, push_data
+
+    return {"model": push(root / "online-dpo", PUSH_REPO, dry_run=True, out=root / "push" / "model"),
+            "data": push_data(root / "assemble", f"{PUSH_REPO}-data", dry_run=True, out=root / "push" / "data")}
