@@ -11,7 +11,7 @@ STAGES  := generate instag select evolve responses annotate rejection execution 
            assemble pretrain sft rm dpo online-dpo eval
 
 .PHONY: install test test-slow demo init world upcycle check bench gpu-check clean annotators annotate-people annotate-export \
-        $(STAGES)
+        execution-if repurpose-roleplay $(STAGES)
 
 install:
 	# bubblewrap contains model-written code (reward/sandbox.py); chromium runs the annotation app's browser test.
@@ -49,6 +49,10 @@ check:
 
 $(STAGES):
 	$(BIN)/qwen2-align $@ --recipe $(RECIPE)/$@.yaml $(foreach s,$(SET),--set $(s))
+
+# A stage's second recipe: execution for instruction following, repurpose for role-play.
+execution-if repurpose-roleplay:
+	$(BIN)/qwen2-align $(firstword $(subst -, ,$@)) --recipe $(RECIPE)/$@.yaml $(foreach s,$(SET),--set $(s))
 
 # People rank responses in a local web app (recipes/<preset>/annotate-people.yaml):
 #   make annotators ADD="alice bob"   prints each new sign-in token once (REVOKE="bob" stops one)

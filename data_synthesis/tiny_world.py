@@ -2,18 +2,23 @@
 
 A model small enough to pretrain in minutes on two CPU cores knows only what it was shown, so the project writes
 its world: sums of numbers up to `max_operand`, word problems, short Python functions with their tests, simple
-facts, text under constraints (upper case, a number of words) and the principles of a constitution. The
-pretraining corpus (`pretrain.jsonl`, text rows) states these as prose and code, plus chat conversations about
-facts, constraints, code and sums asked in other words (`OTHER_SUM_QUESTIONS`), so that the base model knows the
-chat format, the facts and the sums, but never sees the question `What is {a} + {b}?`: answering it in the
-format, with the sum, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`,
-6 min 10 s): the base model completes "The sum of a and b is" right for 59 of 60 held-out pairs and answers 1 of
-the 100 held-out chat questions right: low, but not zero. The sums are learned late: a world of sums up to 9 with
-6,000 documents got 4 of 30 completions right (10,000 documents: all 30).
+facts, text under constraints (upper case, a number of words), characters and the principles of a constitution.
+The pretraining corpus (`pretrain.jsonl`, text rows) states these as prose and code, plus chat conversations:
+facts, constraints, code, sums asked in other words (`OTHER_SUM_QUESTIONS`), the synthesis stages' own teacher
+prompts with right answers (`CHAT_SKILLS`: tagging, judging, rewriting, following or violating a principle,
+repurposing, role-play), so that the base model can be the teacher of every stage, and, rarely
+(`contract_share`), the evaluation's question `What is {a} + {b}?` about a training pair. The base model thus
+knows the chat format, the facts and the sums, and seldom answers the question right: answering it in the format,
+with the sum, for any pair, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`,
+6 min 33 s): the base model answers 3 of the 100 held-out questions right (it writes `a + b = s.` but miscopies
+the operands), 50% of the training problems within 16 samples. Without the rare questions it answered 1 in 100,
+rejection sampling kept 48 answers to 900 problems, mostly text whose last number happened to be the sum, and SFT
+on them reached 2%. The sums themselves are learned late (a world of sums up to 9 with 6,000 documents completed
+4 of 30 held-out sums right, with 10,000 all 30).
 
 Held out: `eval_pairs` ordered (a, b) pairs. The corpus states their sums like any other (knowledge comes from
-pretraining), but no post-training input asks about them, so `eval/arithmetic.jsonl` asks questions no stage
-trained on. Everything is drawn from a seeded RNG: the same settings write the same bytes, which is what the
+pretraining), but no chat and no post-training input asks about them, so `eval/arithmetic.jsonl` asks questions
+no stage trained on. Everything is drawn from a seeded RNG: the same settings write the same bytes, which is what the
 pretrain stage's cache is keyed by.
 """
 
@@ -251,8 +256,8 @@ def _chat(rng: random.Random, world: TinyWorld, train_pairs: list[tuple[int, int
             reply = rng.choice(OTHER_SUM_ANSWERS).format(a=a, b=b, s=a + b)
     else:
         _, prompt, reply = _instruction(rng, train_pairs)
-    return [{"role": "system", "content": system or "You are a helpful assistant."}, {"role": "user", "content": prompt},
-            {"role": "assistant", "content": reply}]
+    return [{"role": "system", "content": system or "You are a helpful assistant."},
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
 def pretraining_corpus(world: TinyWorld) -> list[dict]:

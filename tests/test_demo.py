@@ -38,8 +38,8 @@ def test_every_demo_recipe_reads_the_world_the_base_model_or_an_earlier_step(tmp
             assert path in world or run in produced, f"{step.name} reads {path}, which nothing before it writes"
         produced.add(data["run_dir"])
         load_recipe(ROOT / step.recipe_path)  # and it is valid
-    teachers = [s.name for s in STEPS if "runs/tiny/base" in _paths(yaml.safe_load((ROOT / s.recipe_path).read_text()))]
-    assert {"instag", "evolve", "responses", "annotate", "rejection", "execution", "constitution", "sft"} <= set(teachers)
+    teachers = {s.name for s in STEPS if "runs/tiny/base" in _paths(yaml.safe_load((ROOT / s.recipe_path).read_text()))}
+    assert {"instag", "evolve", "responses", "annotate", "rejection", "execution", "constitution", "sft"} <= teachers
 
 
 SHORT_WORLD = {"max_operand": 5, "eval_pairs": 10, "documents": 300}

@@ -45,7 +45,8 @@ def test_the_world_states_every_sum_and_asks_the_evaluation_question_rarely_abou
     text = "\n".join(row["text"] for row in corpus)
     asked = {(int(a), int(b)) for a, b in re.findall(r"What is (\d+) \+ (\d+)\?", text)}
     assert asked and asked <= set(train)  # the evaluation's question, never about a held-out pair...
-    assert text.count("What is") - len(re.findall(r"What is (ice|the|water|my)", text)) < 0.01 * len(corpus)  # ...rarely
+    others = len(re.findall(r"What is (ice|the|water|my)", text))
+    assert text.count("What is") - others < 0.01 * len(corpus)  # ...rarely
     for prompt in (TAG_PROMPT[:40], JUDGE_PROMPT[:40], FOLLOW_SYSTEM[:40], VIOLATE_SYSTEM[:40], OPENING_TEMPLATE[:40],
                    depth_prompt("add_constraint", "x", 20)[:40], DETAIL_TEMPLATES["brief"][:40]):
         assert prompt in text  # the synthesis stages' own prompts: the base model is their teacher

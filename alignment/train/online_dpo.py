@@ -13,11 +13,11 @@ alignment.optim) that mixes each update with tau = reference - base.
     run_dir/                           the final policy, metrics.json, curves.png, manifest.json
 
 After each episode the policy is evaluated on held-out prompts (`eval_prompts` of them): the mean reward of
-one sample each (with a verifier, also the share that is correct), the win rate against the reference
-model's samples judged by the reward (ties count half), and KL(policy || reference) estimated on the policy's
-samples as the mean of log p_policy(y) - log p_reference(y). The transformers backend loads each episode's policy from its saved
-folder, so a resumed run samples exactly what an uninterrupted one does; vLLM keeps one engine and receives
-the new weights in place (`VLLMGenerator.load_weights`; restarted on vLLM's CPU build).
+one sample each (with a verifier, also the share that is correct), the win rate against the reference model's
+samples judged by the reward (ties count half), and KL(policy || reference) estimated on the policy's samples
+as the mean of log p_policy(y) - log p_reference(y). The transformers backend loads each episode's policy from
+its saved folder, so a resumed run samples exactly what an uninterrupted one does; vLLM keeps one engine and
+receives the new weights in place (`VLLMGenerator.load_weights`; restarted on vLLM's CPU build).
 """
 
 from __future__ import annotations
