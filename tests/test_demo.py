@@ -4,6 +4,10 @@ base < SFT (by 20 points or more) <= DPO <= online DPO."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,10 +69,25 @@ def _in_a_checkout_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_a_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch, capsys):
+def test_a_shortened_demo_runs_every_stage_resumes_after_kill_9_and_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_in_a_checkout_copy(tmp_path))
-    summary = run_demo(overrides=SHORT, world=SHORT_WORLD)
     runs = tmp_path / "runs/tiny"
+    script = f"from alignment.demo import run_demo; run_demo(overrides={SHORT!r}, world={SHORT_WORLD!r})"
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 600
+    while not (runs / "rejection/manifest.json").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, "the demo ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {s.name: (runs / s.name / "manifest.json").read_text() for s in STEPS
+                if (runs / s.name / "manifest.json").exists()}
+    assert "instag" in finished and "eval" not in finished
+
+    summary = run_demo(overrides=SHORT, world=SHORT_WORLD)  # resumes: what finished is not redone
+    for name, manifest in finished.items():
+        assert (runs / name / "manifest.json").read_text() == manifest, name
     for step in STEPS:
         manifest = json.loads((runs / step.name / "manifest.json").read_text())
         assert manifest["stage"] == step.stage
@@ -87,7 +106,7 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monke
     state = json.loads((runs / "demo.json").read_text())
     assert state["finished"] and set(state["seconds"]) >= {s.name for s in STEPS}
 
-    # a second demo on the same base model starts the stages afresh; the base model comes from the cache
+    # a demo started after a finished one runs the stages afresh; the base model comes from the cache
     marker = runs / "sft" / "marker"
     marker.write_text("old run")
     run_demo(overrides=SHORT, world=SHORT_WORLD)
