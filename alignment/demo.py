@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import pipeline
 from .atomic import atomic_write_text
-from .stages import StageError
+from .stages import RunDirTaken
 
 
 @dataclass(frozen=True)
@@ -40,60 +40,58 @@ STEPS = tuple(DemoStep(name, name.removesuffix("-if").removesuffix("-roleplay"))
     "repurpose", "repurpose-roleplay", "constitution", "decontam", "assemble", "sft", "rm", "dpo", "online-dpo",
     "eval"))
 PUSH_REPO = "your-org/qwen2-tiny-demo"  # where the dry-runs would upload; nothing leaves the machine
+RUNS = Path("runs/tiny")  # where the tiny recipes read and write, relative to the checkout
 
 
-def _world(root: Path, settings: dict) -> None:
+def _world(settings: dict) -> None:
     from data_synthesis.tiny_world import TinyWorld, write_world
 
-    write_world(TinyWorld(**settings), root / "world")
+    write_world(TinyWorld(**settings), RUNS / "world")
 
 
-def _pretrain(root: Path, overrides: list[str]) -> dict:
+def _pretrain(overrides: list[str]) -> dict:
     """The cached base model: a finished run of this recipe and corpus is reused, any other is replaced."""
     recipe = pipeline.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides)
     try:
         return pipeline.run("pretrain", recipe)
-    except StageError as e:
-        if "different recipe or inputs" not in str(e):
-            raise
-    print(f"demo: {recipe.run_dir} was trained on another corpus or recipe: training the base model again")
+    except RunDirTaken:
+        print(f"demo: {recipe.run_dir} was trained on another corpus or recipe: training the base model again")
     shutil.rmtree(recipe.run_dir)
     return pipeline.run("pretrain", pipeline.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides))
 
 
-def _start_fresh_or_resume(root: Path, base_fingerprint: str) -> dict:
+def _start_fresh_or_resume(base_fingerprint: str) -> dict:
     """The demo's state: resume an unfinished demo on the same base model, else clear the stage run dirs."""
-    state_path = root / "demo.json"
+    state_path = RUNS / "demo.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state.get("finished", True) or state.get("base") != base_fingerprint:
         for step in STEPS:
-            shutil.rmtree(root / step.name, ignore_errors=True)
-        shutil.rmtree(root / "push", ignore_errors=True)
+            shutil.rmtree(RUNS / step.name, ignore_errors=True)
+        shutil.rmtree(RUNS / "push", ignore_errors=True)
         state = {"base": base_fingerprint, "finished": False, "seconds": {}}
         atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     else:
-        print(f"demo: resuming the unfinished demo in {root} (finished stages are kept)")
+        print(f"demo: resuming the unfinished demo in {RUNS} (finished stages are kept)")
     return state
 
 
-def run_demo(root: str | Path = "runs/tiny", overrides: dict[str, list[str]] | None = None,
-             world: dict | None = None) -> dict:
-    """Run the demo in the current directory (the recipes name `runs/tiny/...`; `root` is where they point).
-    `overrides` maps a step name (or "pretrain") to `--set` overrides and `world` sets `TinyWorld` fields: the
-    shortened demo of the test suite uses both. Returns the report's summary."""
+def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None = None) -> dict:
+    """Run the demo under `runs/tiny` of the current directory. `overrides` maps a step name (or "pretrain") to
+    `--set` overrides and `world` sets `TinyWorld` fields: the shortened demo of the test suite uses both.
+    Returns the report's summary."""
     from .report import write_report
 
-    root, overrides = Path(root), overrides or {}
+    overrides = overrides or {}
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    _world(root, world or {})
+    _world(world or {})
     seconds["world"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    base = _pretrain(root, overrides.get("pretrain", []))
+    base = _pretrain(overrides.get("pretrain", []))
     seconds["pretrain"] = time.perf_counter() - clock
-    state = _start_fresh_or_resume(root, base["fingerprint"])
-    state_path = root / "demo.json"
+    state = _start_fresh_or_resume(base["fingerprint"])
+    state_path = RUNS / "demo.json"
     for step in STEPS:
         recipe = pipeline.load_recipe(step.recipe_path, stage=step.stage, overrides=overrides.get(step.name, []))
         print(f"\n== demo: {step.name} ({step.recipe_path}) ==", flush=True)
@@ -102,18 +100,18 @@ def run_demo(root: str | Path = "runs/tiny", overrides: dict[str, list[str]] | N
         state["seconds"][step.name] = state["seconds"].get(step.name, 0.0) + time.perf_counter() - clock
         atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     clock = time.perf_counter()
-    push_dry_runs(root)
+    push_dry_runs()
     state["seconds"]["push"] = time.perf_counter() - clock
     state["seconds"] = seconds | state["seconds"]
-    summary = write_report(root, STEPS, state["seconds"], time.perf_counter() - started)
+    summary = write_report(RUNS, STEPS, state["seconds"], time.perf_counter() - started)
     state["finished"] = True
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     return summary
 
 
-def push_dry_runs(root: Path) -> dict[str, Path]:
+def push_dry_runs() -> dict[str, Path]:
     """What `push` and `push-data` would upload: the final model with its card, and the assembled D and P."""
     from .hub import push, push_data
 
-    return {"model": push(root / "online-dpo", PUSH_REPO, dry_run=True, out=root / "push" / "model"),
-            "data": push_data(root / "assemble", f"{PUSH_REPO}-data", dry_run=True, out=root / "push" / "data")}
+    return {"model": push(RUNS / "online-dpo", PUSH_REPO, dry_run=True, out=RUNS / "push" / "model"),
+            "data": push_data(RUNS / "assemble", f"{PUSH_REPO}-data", dry_run=True, out=RUNS / "push" / "data")}

@@ -15,11 +15,13 @@ disagree with the runs it describes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
+from .precision import cpu_model
 
 HEADLINE = (("arithmetic_accuracy", "held-out arithmetic accuracy", True),
             ("code_pass@1", "held-out code pass@1", True),
@@ -157,7 +159,8 @@ def write_report(root: str | Path, steps: tuple, seconds: dict[str, float], tota
         shutil.copy2(root / "instag" / "ontology.png", out / "ontology.png")
 
     accuracy = {m: values.get("arithmetic_accuracy") for m, values in metrics.items()}
-    summary = {"metrics": metrics, "arithmetic_accuracy": accuracy, "rows": rows, "seconds": seconds,
+    summary = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "precision": trained["sft"].get("precision", {}),
+               "metrics": metrics, "arithmetic_accuracy": accuracy, "rows": rows, "seconds": seconds,
                "total_seconds": total_seconds, "pretrain_cached_from_s": base.get("duration_s"),
                "episodes": episodes,
                "train_metrics": {k: m.get("metrics", {}) for k, m in trained.items() if m}}
@@ -171,8 +174,9 @@ def render_markdown(summary: dict, root: Path) -> str:
     metrics, rows, seconds = summary["metrics"], summary["rows"], summary["seconds"]
     models = list(metrics)
     lines = [f"# The tiny demo: `{root}`", "",
-             f"Every stage of the pipeline on the tiny world, {summary['total_seconds'] / 60:.1f} min in all. "
-             "Held-out metrics come from the `eval` run (`eval/metrics.json`, its replies in `eval/samples/`).", "",
+             f"Every stage of the pipeline on the tiny world, {summary['total_seconds'] / 60:.1f} min in all on "
+             f"{summary['machine']} (training compute: {summary['precision'].get('compute', '?')}). Held-out "
+             "metrics come from the `eval` run (`eval/metrics.json`, its replies in `eval/samples/`).", "",
              "## Held-out metrics per model", "",
              "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for key, title, _ in HEADLINE:
@@ -202,7 +206,8 @@ def render_screen(summary: dict, out: Path) -> str:
     """The one-screen summary printed at the end of the demo."""
     metrics, seconds = summary["metrics"], summary["seconds"]
     models = list(metrics)
-    lines = ["", "=" * 78, f"demo finished in {summary['total_seconds'] / 60:.1f} min; report: {out / 'report.md'}",
+    lines = ["", "=" * 78, f"demo finished in {summary['total_seconds'] / 60:.1f} min on {summary['machine']}",
+             f"report: {out / 'report.md'}",
              "-" * 78, f"{'held-out':<34}" + "".join(f"{m:>11}" for m in models)]
     for key, title, _ in HEADLINE:
         if any(key in metrics[m] for m in models):

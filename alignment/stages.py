@@ -44,6 +44,10 @@ class StageError(RuntimeError):
     """A stage could not run; the message is one line."""
 
 
+class RunDirTaken(StageError):
+    """The run dir holds a run of another recipe or other inputs."""
+
+
 @dataclass
 class StageRecipe:
     """Keys every data stage's recipe has; stages extend it with their own sections."""
@@ -240,11 +244,11 @@ def begin_run(name: str, recipe: Any, input_names: list[str], files: dict[str, s
         if done.get("fingerprint") == fingerprint:
             print(f"{name}: already done in {run_dir} (manifest {manifest_path}); nothing to do")
             return RunStart(run_dir, fingerprint, inputs, done)
-        raise StageError(f"{name}: {run_dir} holds a finished run of a different recipe or inputs; "
+        raise RunDirTaken(f"{name}: {run_dir} holds a finished run of a different recipe or inputs; "
                          "choose another run_dir or delete it")
     fp_path = run_dir / "fingerprint"
     if fp_path.exists() and fp_path.read_text().strip() != fingerprint:
-        raise StageError(f"{name}: {run_dir} holds a partial run of a different recipe or inputs; "
+        raise RunDirTaken(f"{name}: {run_dir} holds a partial run of a different recipe or inputs; "
                          "choose another run_dir or delete it")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(fp_path, fingerprint + "\n")
