@@ -10,8 +10,8 @@ repurposing, role-play), so that the base model can be the teacher of every stag
 (`contract_share`), the evaluation's question `What is {a} + {b}?` about a training pair. The base model thus
 knows the chat format, the facts and the sums, and seldom answers the question right: answering it in the format,
 with the sum, for any pair, is what alignment has to teach. Measured (AMD EPYC, 2 cores; `make world pretrain`,
-6 min 33 s): the base model answers 3 of the 100 held-out questions right (it writes `a + b = s.` but miscopies
-the operands), 50% of the training problems within 16 samples. Without the rare questions it answered 1 in 100,
+4 min 40 s in float32): greedy, the base model answers none of the 100 held-out questions right (it writes
+`a + b = s.` but miscopies the operands); sampled, 44% of the training problems within 32 samples. Without the rare questions it answered 1 in 100,
 rejection sampling kept 48 answers to 900 problems, mostly text whose last number happened to be the sum, and SFT
 on them reached 2%. The sums themselves are learned late (a world of sums up to 9 with 6,000 documents completed
 4 of 30 held-out sums right, with 10,000 all 30).
