@@ -56,6 +56,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def plot_metrics_by_stage(metrics: dict[str, dict], path: Path) -> None:
     plt = _plt()
     shown = [(key, title) for key, title, _ in HEADLINE if any(key in m for m in metrics.values())]
@@ -68,9 +74,7 @@ def plot_metrics_by_stage(metrics: dict[str, dict], path: Path) -> None:
         ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_rows(rows: dict[str, dict], path: Path) -> None:
@@ -89,9 +93,7 @@ def plot_rows(rows: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 3 * max([rows[n]["in"] for n in names] + kept))
     ax.legend(fontsize=7)
     ax.set_title("rows per synthesis stage", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_times(seconds: dict[str, float], path: Path) -> None:
@@ -104,9 +106,7 @@ def plot_times(seconds: dict[str, float], path: Path) -> None:
     ax.set_xlabel("seconds")
     ax.set_title("time per stage (this demo run)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_episodes(episodes: list[dict], path: Path) -> None:
@@ -121,9 +121,7 @@ def plot_episodes(episodes: list[dict], path: Path) -> None:
     ax.set_title("online DPO: reward per episode", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _fmt(value: Any) -> str:

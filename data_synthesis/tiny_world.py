@@ -24,6 +24,7 @@ pretrain stage's cache is keyed by.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -180,6 +181,7 @@ def profile_text(name: str, who: str) -> str:
     return f"You are {name}, {who}. You are friendly and you speak briefly."
 
 
+@functools.cache
 def _principles() -> dict:
     from .constitution import DEFAULT_CONSTITUTION, load_constitution
 

@@ -176,16 +176,12 @@ class OnlineDPO:
         path = self.episode_dir(episode) / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def verdicts(self, rows: list[dict], texts: list[str]) -> list[bool]:
-        """Whether each response's final answer equals its prompt row's `meta.answer` (the verifier)."""
-        return [self.answer_check(str(r["meta"]["answer"]), t) for r, t in zip(rows, texts)]
-
     def rewards(self, rows: list[dict], texts: list[str]) -> list[float]:
         """The reward of each response to its prompt row (the recipe's docstring says how it is made)."""
         scores = self.scorer([r["messages"] + _reply(t) for r, t in zip(rows, texts)]) if self.scorer else None
         if self.recipe.verifier == "none":
             return scores
-        verdicts = [float(v) for v in self.verdicts(rows, texts)]
+        verdicts = [float(self.answer_check(str(r["meta"]["answer"]), t)) for r, t in zip(rows, texts)]
         if scores is None:
             return verdicts
         return [v + 0.5 / (1.0 + math.exp(-s)) for v, s in zip(verdicts, scores)]
@@ -222,7 +218,7 @@ class OnlineDPO:
         reference_logp = completion_logprobs(load_frozen_model(self.reference, self.recipe), self.tokenizer,
                                              prompts, replies)
         accuracy = {} if self.recipe.verifier == "none" else {
-            "eval_accuracy": sum(self.verdicts(self.eval_rows, texts)) / len(texts)}
+            "eval_accuracy": sum(r >= 1.0 for r in rewards) / len(rewards)}  # the verdict: the integer part
         return {"eval_reward_mean": sum(rewards) / len(rewards), **accuracy,
                 "win_rate_vs_reference": sum(wins) / len(wins),
                 "kl_to_reference": sum(p - q for p, q in zip(policy_logp, reference_logp)) / len(texts)}
