@@ -9,14 +9,8 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir
-from .model import (
-    CAUSAL_LM_CLASSES,
-    SEQUENCE_CLASSIFICATION_CLASSES,
-    Qwen2ForCausalLM,
-    Qwen2ForSequenceClassification,
-    enable_long_context,
-    preset_config,
-)
+from .model import (CAUSAL_LM_CLASSES, SEQUENCE_CLASSIFICATION_CLASSES, Qwen2ForCausalLM,
+                    Qwen2ForSequenceClassification, enable_long_context, preset_config)
 from .tokenizer import CONTROL_TOKEN_IDS, ENDOFTEXT, IM_END, qwen2_tokenizer
 
 # "auto" keeps the dtype the checkpoint was saved in.

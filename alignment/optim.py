@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 TensorIndex = tuple[slice, ...] | None
 
@@ -52,8 +55,6 @@ class CheckpointState(Mapping[str, torch.Tensor]):
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: folder / file for name, file in weight_map.items()}
         elif (folder / "model.safetensors").exists():
-            from safetensors import safe_open
-
             with safe_open(folder / "model.safetensors", framework="pt") as f:
                 self.files = {name: folder / "model.safetensors" for name in f.keys()}
         else:
@@ -61,8 +62,6 @@ class CheckpointState(Mapping[str, torch.Tensor]):
         self.path = folder
 
     def read(self, name: str, index: TensorIndex = None) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(self.files[name], framework="pt") as f:
             return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
@@ -85,8 +84,6 @@ def checkpoint_state(state: str | Path | Mapping[str, torch.Tensor]) -> Mapping[
         return state
     folder = Path(state)
     if not folder.exists():
-        from huggingface_hub import snapshot_download
-
         folder = Path(snapshot_download(str(state), allow_patterns=["*.safetensors", "*.json"]))
     return CheckpointState(folder)
 
@@ -100,8 +97,6 @@ def _read(state: Mapping[str, torch.Tensor], name: str, index: TensorIndex) -> t
 
 def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
     if isinstance(state, CheckpointState):
-        from safetensors import safe_open
-
         with safe_open(state.files[name], framework="pt") as f:
             return tuple(f.get_slice(name).get_shape())
     return tuple(state[name].shape)
@@ -116,8 +111,6 @@ def _shard_index(param: torch.Tensor) -> TensorIndex:
     """Where this process's shard of a DTensor parameter lies in the whole tensor; None for a plain tensor."""
     if not hasattr(param, "device_mesh"):
         return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
 

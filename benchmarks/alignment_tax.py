@@ -31,8 +31,8 @@ NAMES = {"none": "AdamW", "ondare": "OnDARE", "onties": "OnTIES"}
 def ensure_tiny_models() -> None:
     """runs/tiny/{init,sft,rm,dpo} and the arithmetic data, as `make demo` makes them."""
     from alignment.checkpoint import init_checkpoint
-    from alignment.pipeline import load_recipe, run
-    from data_synthesis.arithmetic import write_arithmetic_sets
+    from qwen2_align.demo.arithmetic import write_arithmetic_sets
+    from qwen2_align.stage_table import load_recipe, run
 
     root = Path("runs/tiny")
     if not (root / "init" / "config.json").exists():
@@ -46,9 +46,9 @@ def ensure_tiny_models() -> None:
 def heldout_nll(model_dir: str, rows: list[dict]) -> float:
     """Mean negative log-likelihood per answer token of held-out demonstrations (the assistant turns)."""
     from alignment.tokenizer import load_tokenizer
-    from alignment.train.dpo import completion_logprobs
     from alignment.train.common import load_frozen_model
-    from alignment.pipeline import load_recipe
+    from alignment.train.dpo import completion_logprobs
+    from qwen2_align.stage_table import load_recipe
 
     recipe = load_recipe("recipes/tiny/online-dpo.yaml")
     tokenizer = load_tokenizer(model_dir)
@@ -65,7 +65,7 @@ def heldout_nll(model_dir: str, rows: list[dict]) -> float:
 
 
 def measure(model_dir: str, rows: list[dict]) -> dict:
-    from data_synthesis.arithmetic import answer_quality
+    from qwen2_align.demo.arithmetic import answer_quality
 
     quality = answer_quality(model_dir, n=50, seed=7)
     return {"heldout_nll": heldout_nll(model_dir, rows), "in_format": quality["in_format"] / 50,
@@ -79,9 +79,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/tiny/alignment-tax", help="where the three runs go")
     args = parser.parse_args()
 
-    from alignment.pipeline import load_recipe, run
-    from data_synthesis.arithmetic import arithmetic_sets
     from benchmarks.common import write_result
+    from qwen2_align.demo.arithmetic import arithmetic_sets
+    from qwen2_align.stage_table import load_recipe, run
 
     ensure_tiny_models()
     heldout = arithmetic_sets(200, 0, seed=99)[0]

@@ -36,9 +36,9 @@ from alignment.model.attention import attend, attention_kernel, build_attention_
 from alignment.model.dca import DualChunkRotary, dual_chunk_attention  # noqa: E402
 from alignment.model.modeling import CAUSAL_LM_CLASSES  # noqa: E402
 from alignment.model.rope import apply_rotary  # noqa: E402
-from alignment.plan import count_parameters, memory_plan  # noqa: E402
-from benchmarks.common import machine, peak_memory_mb, synchronize, synced, time_steps  # noqa: E402
+from benchmarks.common import machine, peak_memory_mb, synced, synchronize, time_steps  # noqa: E402
 from benchmarks.packed_attention import compare, sample_lengths  # noqa: E402
+from qwen2_align.plan import count_parameters, memory_plan  # noqa: E402
 
 
 def matmul_peak(device: torch.device, size: int) -> dict:

@@ -2,7 +2,7 @@
 
     python benchmarks/tiny_vocab.py [--steps 6] [--rounds 2] [--batch 8] [--length 256] [--dtype float32]
 
-Same `tiny` shape (4 layers, 128 wide), same corpus (data_synthesis.tiny_world), same packed batches of real
+Same `tiny` shape (4 layers, 128 wide), same corpus (qwen2_align.demo.tiny_world), same packed batches of real
 corpus tokens; only the number of vocabulary rows differs (151,936 vs the reduced tokenizer's, rounded up to 64).
 Measured: training tokens/s (forward, backward and AdamW step through our chunked LM head) and greedy generation
 tokens/s (HF generate, 18 prompts, 32 new tokens). Variants alternate, `--rounds` times each; the median counts.
@@ -34,7 +34,7 @@ def main() -> None:
     from alignment.checkpoint import CAUSAL_LM_CLASSES
     from alignment.model.presets import preset_config
     from alignment.tokenizer import qwen2_tokenizer, reduced_tokenizer
-    from data_synthesis.tiny_world import TinyWorld, pretraining_corpus
+    from qwen2_align.demo.tiny_world import TinyWorld, pretraining_corpus
 
     texts = [row["text"] for row in pretraining_corpus(TinyWorld())]
     tokenizers = {"full": qwen2_tokenizer(), "corpus": reduced_tokenizer(texts)}

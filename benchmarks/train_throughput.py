@@ -94,7 +94,7 @@ def main() -> None:
     from alignment.train.dpo import Qwen2DPOTrainer
     from alignment.train.sft import Qwen2SFTTrainer
     from benchmarks.common import write_result
-    from data_synthesis.arithmetic import arithmetic_sets
+    from qwen2_align.demo.arithmetic import arithmetic_sets
 
     probe = cpu_probe()
     ours_bf16 = probe.dtype == "bfloat16"

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
 
 from alignment.data import Quarantined, row_problem
-from alignment.generation import make_generator
+from alignment.generation import GenerationSpec, make_generator
 from alignment.generation.answers import json_values
-from alignment.stages import Outcome, ShardContext, Stage, StageError
+from alignment.reward_model import RewardModel
+from alignment.stages import Outcome, ShardContext, DataStage, StageError, StageRecipe
 
 from .generate import lineage
-from .recipes import AnnotateRecipe
 
 
 def item_problem(item: dict) -> str | None:
@@ -142,7 +145,53 @@ def model_summary(rankings: list[dict]) -> dict[str, dict[str, Any]]:
             for name in sorted(counts)}
 
 
-class AnnotateStage(Stage):
+@dataclass
+class Judge:
+    """`annotate`'s ranker that needs no people: a reward model scores each response after its prompt
+    (`kind: reward_model`, `path`), or a chat model reads the instruction and every response and scores each
+    from 1 to 10 (`kind: model`, `generation`), twice with the responses in opposite orders when `both_orders`."""
+
+    kind: Literal["reward_model", "model"] = "reward_model"
+    path: str = ""  # reward_model: the checkpoint directory (an `rm` run) or Hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # reward_model
+    batch_size: int = 16  # reward_model
+    generation: GenerationSpec | None = None  # model: any generation backend; temperature 0 for a stable ranking
+    both_orders: bool = True  # model: average over the shown and the reversed order (LLM judges favour positions)
+    min_score: float | None = None  # the top response goes to D only when its score reaches this; None = always
+
+    def __post_init__(self) -> None:
+        if self.kind == "reward_model" and not self.path:
+            raise ValueError("path: name the reward model's checkpoint directory (path: runs/tiny/rm)")
+        if self.kind == "model" and (self.generation is None or not self.generation.model):
+            raise ValueError("generation: a model judge needs a generation section with its model")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class AnnotateRecipe(StageRecipe):
+    """inputs.responses -> rankings, the top response to D and pairs from the ranking to P. With `judge:` a model
+    ranks (data_synthesis.annotate); without it people rank in a local web app (data_synthesis.annotate_app): the
+    fields from `host` on."""
+
+    judge: Judge | None = None
+    pairs_per_item: int = 1  # pairs of the top response vs a lower one, lowest first; 0 = every lower one
+    host: str = "127.0.0.1"
+    port: int = 8765
+    database: str = ""  # the SQLite file of items, annotators and answers; "" = <run_dir>/annotations.sqlite
+    annotators_per_item: int = 1
+    merge: Literal["mean", "majority", "min", "max"] = "mean"  # how several people's rankings of an item merge
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_item < 0:
+            raise ValueError(f"pairs_per_item: must be >= 0 (0 = every pair with the top), got {self.pairs_per_item}")
+        if self.annotators_per_item < 1:
+            raise ValueError(f"annotators_per_item: must be >= 1, got {self.annotators_per_item}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0..65535 (0 = any free port), got {self.port}")
+
+
+class AnnotateStage(DataStage):
     name = "annotate"
     recipe_class = AnnotateRecipe
     inputs = {"responses": "any"}
@@ -158,10 +207,6 @@ class AnnotateStage(Stage):
                            {"kind": judge.kind, "model": judge.generation.model, "both_orders": judge.both_orders})
 
     def setup(self, side_inputs: dict[str, list[dict]]) -> None:
-        import torch
-
-        from reward.model import RewardModel
-
         judge = self.recipe.judge
         if judge.kind == "model":
             self.generator = make_generator(judge.generation)

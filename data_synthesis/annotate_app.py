@@ -38,13 +38,12 @@ from datetime import datetime, timedelta, timezone
 from http.cookies import SimpleCookie
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from alignment.data import DataError, Quarantined, read_rows
-from alignment.stages import Outcome, ShardContext, Stage, StageError, run_stage
+from alignment.stages import DataStage, Outcome, ShardContext, Stage, StageError
 
-from .annotate import AnnotateStage, export, item_problem, model_summary
-from .recipes import AnnotateRecipe
+from .annotate import AnnotateRecipe, AnnotateStage, export, item_problem, model_summary
 
 UI = Path(__file__).with_name("annotation_ui")
 DRAFT_HOLD = timedelta(minutes=30)  # an item shown to someone counts towards its quota this long
@@ -462,7 +461,7 @@ def serve(recipe: AnnotateRecipe) -> None:
 
 # ---- export -----------------------------------------------------------------------------------------------------
 
-class PeopleExportStage(Stage):
+class PeopleExportStage(DataStage):
     """The people's rankings in a database snapshot -> rankings, D and P, like the judge's run."""
 
     name = "annotate"
@@ -520,11 +519,6 @@ class PeopleExportStage(Stage):
             "by_model_strategy": model_summary([r for r in rankings if r["status"] == "ranked"])}}
 
 
-def run_annotate(recipe: AnnotateRecipe) -> dict[str, Any] | None:
-    """`qwen2-align annotate`: the judge ranks (a stage run), or people do (the app, until stopped)."""
-    return run_stage(AnnotateStage(recipe)) if recipe.judge else serve(recipe)
-
-
 def export_annotations(recipe: AnnotateRecipe) -> dict[str, Any]:
     """Export what people submitted so far (a fresh export each time, from a snapshot taken now)."""
     if recipe.judge:
@@ -546,7 +540,7 @@ def export_annotations(recipe: AnnotateRecipe) -> dict[str, Any]:
     with closing(connect(source)) as db, closing(sqlite3.connect(partial)) as copy:
         db.backup(copy)  # a consistent copy even while the app is writing
     os.replace(partial, snapshot)
-    return run_stage(PeopleExportStage(recipe, snapshot))
+    return PeopleExportStage(recipe, snapshot).run()
 
 
 def manage_annotators(recipe: AnnotateRecipe, add: list[str], revoke: list[str]) -> None:
@@ -558,3 +552,21 @@ def manage_annotators(recipe: AnnotateRecipe, add: list[str], revoke: list[str])
         listed = db.execute("SELECT name, token_sha256 IS NOT NULL AS active FROM annotators ORDER BY name").fetchall()
     print("annotators: " + (", ".join(f"{r['name']}{'' if r['active'] else ' (revoked)'}" for r in listed) or "none")
           + f" in {database_path(recipe)}")
+
+
+class Annotate(Stage):
+    """`annotate`: with `judge:` a model ranks (an `AnnotateStage` run); without it people rank in the app, served
+    until stopped. Its action `annotate export` writes D and P from what people submitted so far."""
+
+    name = "annotate"
+    recipe_class = AnnotateRecipe
+    actions: ClassVar[dict[str, str]] = {"export": "write D and P from the people's rankings submitted so far"}
+
+    def run(self) -> dict[str, Any] | None:
+        return AnnotateStage(self.recipe).run() if self.recipe.judge else serve(self.recipe)
+
+    def export(self) -> dict[str, Any]:
+        return export_annotations(self.recipe)
+
+    def annotators(self, add: list[str], revoke: list[str]) -> None:
+        manage_annotators(self.recipe, add, revoke)

@@ -27,15 +27,14 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alignment.data import Quarantined, load_jsonl, normalise, read_rows, row_problem
-from alignment.stages import Outcome, ShardContext, Stage, StageError
+from alignment.stages import Outcome, ShardContext, DataStage, StageError
 
-from .decontam import ContaminationCheck, contamination_counts, with_lineage
-from .recipes import AssembleRecipe
+from .decontam import ContaminationCheck, ContaminationRules, contamination_counts, with_lineage
 
 SOURCES = "sources"  # the primary input: the runs' D and P files
 KINDS = {"demonstrations": "demonstration", "preferences": "preference"}  # output file -> row kind
@@ -105,7 +104,27 @@ class RowPlan:
     duplicate_of: str | None
 
 
-class AssembleStage(Stage):
+@dataclass
+class AssembleRecipe(ContaminationRules):
+    """The D and P outputs of the finished synthesis runs in `runs` (run directories, or their demonstrations.jsonl /
+    preferences.jsonl) -> the training inputs, deduplicated by content and checked against every input (each one
+    test set); see data_synthesis.assemble."""
+
+    runs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.runs:
+            raise ValueError("runs: list the synthesis runs to merge (runs: [runs/tiny/rejection, ...])")
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError("runs: a run is listed twice")
+        if SOURCES in self.inputs:
+            raise ValueError(f"inputs.{SOURCES}: reserved for the runs' D and P files; name the test set otherwise")
+        if not self.inputs:
+            raise ValueError("inputs: no test set; every input is one (inputs.gsm8k: data/gsm8k.jsonl)")
+
+
+class AssembleStage(DataStage):
     name = "assemble"
     recipe_class = AssembleRecipe
     inputs = {SOURCES: "any"}  # and one input per test set, named by the recipe (see __init__)

@@ -14,34 +14,25 @@ is dropped; a prompt left with no pair is quarantined.
 
 from __future__ import annotations
 
-import difflib
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from alignment.data import Quarantined
-from alignment.recipes import RecipeError
-from alignment.stages import Outcome, ShardContext
+from alignment.generation import GenerationSpec
+from alignment.recipe_loader import load_file
+from alignment.stages import Outcome, ShardContext, StageRecipe
 
 from .generate import GeneratingStage, lineage
-from .recipes import ConstitutionRecipe
 
 DEFAULT_CONSTITUTION = Path(__file__).resolve().parents[1] / "recipes" / "constitution" / "default.yaml"
 FOLLOW_SYSTEM = "Answer the user's message helpfully, and keep to this principle in your reply: {follow}"
 VIOLATE_SYSTEM = ("You are writing a deliberately flawed reply, used as a negative example for training. "
                   "Answer the user's message, and in your reply do this: {violate}")
 _ID = re.compile(r"[a-z0-9][a-z0-9_-]*")
-_FILE_KEYS = ("name", "description", "principles")
-_PRINCIPLE_KEYS = ("id", "description", "follow", "violate")
-
-
-class ConstitutionError(RecipeError):
-    """A constitution file is missing or malformed; the message is one line naming the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -51,53 +42,35 @@ class Principle:
     violate: str
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if not _ID.fullmatch(self.id):
+            raise ValueError(f"id: must be lower-case letters, digits, - or _ (no-invented-facts), got {self.id!r}")
+        for name in ("follow", "violate"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, getattr(self, name).strip())
 
-def _unknown(key: Any, allowed: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-    return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "") + f"; allowed: {', '.join(allowed)}"
+
+@dataclass
+class Constitution:
+    """A constitution file: principles to follow and to avoid, each with its `follow` and `violate` instruction."""
+
+    principles: list[Principle] = field(default_factory=list)
+    name: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.principles:
+            raise ValueError("principles: must be a non-empty list of {id, follow, violate} mappings")
+        ids = [p.id for p in self.principles]
+        for i, pid in enumerate(ids):
+            if pid in ids[:i]:
+                raise ValueError(f"principles[{i}].id: {pid!r} is used twice")
 
 
 def load_constitution(path: str | Path) -> list[Principle]:
-    """The principles of a constitution file, checked: every error names the file and the field."""
-    def fail(key: str, message: str) -> ConstitutionError:
-        return ConstitutionError(f"{path}: {key}: {message}" if key else f"{path}: {message}")
-
-    path = Path(path)
-    if not path.is_file():
-        raise fail("", "constitution file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise fail(f"line {mark.line + 1}" if mark else "", f"invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise fail("", "a constitution must be a mapping with a `principles` list")
-    for key in data:
-        if key not in _FILE_KEYS:
-            raise fail(key, _unknown(key, _FILE_KEYS))
-    items = data.get("principles")
-    if not isinstance(items, list) or not items:
-        raise fail("principles", "must be a non-empty list of {id, follow, violate} mappings")
-    principles: list[Principle] = []
-    for i, item in enumerate(items):
-        where = f"principles[{i}]"
-        if not isinstance(item, dict):
-            raise fail(where, f"expected a mapping with id, follow and violate, got {item!r}")
-        pid = item.get("id")
-        if not isinstance(pid, str) or not _ID.fullmatch(pid):
-            raise fail(f"{where}.id", f"must be lower-case letters, digits, - or _ (no-invented-facts), got {pid!r}")
-        if any(p.id == pid for p in principles):
-            raise fail(f"{where}.id", f"{pid!r} is used twice")
-        where = f"principles[{i}] ({pid})"
-        for key in item:
-            if key not in _PRINCIPLE_KEYS:
-                raise fail(f"{where}.{key}", _unknown(key, _PRINCIPLE_KEYS))
-        for key in ("follow", "violate", "description"):
-            value = item.get(key, "" if key == "description" else None)
-            if not isinstance(value, str) or (key != "description" and not value.strip()):
-                raise fail(f"{where}.{key}", f"must be a non-empty string, got {value!r}")
-        principles.append(Principle(pid, item["follow"].strip(), item["violate"].strip(), item.get("description", "")))
-    return principles
+    """The principles of a constitution file, checked as recipes are: every error names the file and the field."""
+    return load_file(Constitution, path, "constitution").principles
 
 
 def pick_principles(principles: list[Principle], k: int, seed: int, row_id: str) -> list[Principle]:
@@ -130,6 +103,38 @@ def constitution_rows(prompt: dict, replies: list[tuple[Principle, str, str]], m
                                    "rejected": [{"role": "assistant", "content": violator}],
                                    "source": source, "meta": meta(principle)})
     return out
+
+
+@dataclass
+class ConstitutionRecipe(StageRecipe):
+    """inputs.prompts -> responses that follow (D, chosen) or violate (rejected) a constitution's principles.
+
+    The constitution file is read and checked when the recipe is (data_synthesis.constitution)."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    constitution: str = ""  # a YAML file of principles to follow and to avoid; "" = recipes/constitution/default.yaml
+    principles: list[str] = field(default_factory=list)  # ids of the principles to draw from; empty = all
+    principles_per_prompt: int = 1  # drawn per prompt, without repeats, from the seed and the prompt's id
+
+    def __post_init__(self) -> None:
+        if self.principles_per_prompt < 1:
+            raise ValueError(f"principles_per_prompt: must be >= 1, got {self.principles_per_prompt}")
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one follower and one violator reply per principle), "
+                             f"got {self.generation.n}")
+        self.constitution_path = self.constitution or str(DEFAULT_CONSTITUTION)
+        loaded = load_constitution(self.constitution_path)
+        known = {p.id: p for p in loaded}
+        unknown = [i for i in self.principles if i not in known]
+        if unknown:
+            raise ValueError(f"principles: {unknown[0]!r} is not in {self.constitution_path} "
+                             f"(it has {', '.join(known)})")
+        if len(set(self.principles)) != len(self.principles):
+            raise ValueError("principles: an id is listed twice")
+        self.chosen = [known[i] for i in self.principles] if self.principles else loaded
+        if self.principles_per_prompt > len(self.chosen):
+            raise ValueError(f"principles_per_prompt: {self.principles_per_prompt} is more than the "
+                             f"{len(self.chosen)} principles to draw from")
 
 
 class ConstitutionStage(GeneratingStage):

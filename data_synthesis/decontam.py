@@ -31,9 +31,9 @@ mostly common words needs only 13 of its words in order somewhere in a 280-word 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -41,22 +41,15 @@ from typing import Any
 import numpy as np
 
 from alignment.data import DataInput, Quarantined, as_sources, write_rows
-from alignment.stages import Outcome, ShardContext, Stage
+from alignment.stages import Outcome, ShardContext, DataStage, StageRecipe
 
-from .recipes import ContaminationRules, DecontamRecipe
+from .text import tokenize
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, CJK ideographs (+ ext. A, compatibility)
-_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
 _CONTENT_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected", "text")
 _NOT_TEXT = ("id", "source", "meta")
 _PROBE_ROWS = 1024  # rows hashed at once by NgramIndex (bounds its numpy temporaries)
 DENSE_SHARE = 0.1  # elements held by more test items than this share are counted by a matrix product
 _BATCH_CELLS = 1 << 22  # rows x test items counted at once by LcsIndex (bounds its overlap matrix)
-
-
-def tokenize(text: str) -> list[str]:
-    """The words both rules compare: lower-cased runs of letters and digits, CJK characters one by one."""
-    return _TOKEN.findall(text.lower())
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -398,7 +391,36 @@ def contamination_counts(recipe: ContaminationRules, test_sets: dict[str, list[d
     return counts
 
 
-class DecontamStage(Stage):
+@dataclass
+class ContaminationRules(StageRecipe):
+    """The report's decontamination rules, shared by the stages that check rows against test sets
+    (data_synthesis.decontam); `strict_test_split` also lists the test items that share an n-gram with training."""
+
+    ngram: int = 13
+    lcs_min_tokens: int = 13
+    lcs_ratio: float = 0.6
+    strict_test_split: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1:
+            raise ValueError(f"ngram: must be >= 1, got {self.ngram}")
+        if self.lcs_min_tokens < 1:
+            raise ValueError(f"lcs_min_tokens: must be >= 1, got {self.lcs_min_tokens}")
+        if not 0 < self.lcs_ratio <= 1:
+            raise ValueError(f"lcs_ratio: must be > 0 and <= 1, got {self.lcs_ratio}")
+
+
+@dataclass
+class DecontamRecipe(ContaminationRules):
+    """inputs.train against every other input (each one test set) -> the train rows with no test overlap."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not set(self.inputs) - {"train"}:
+            raise ValueError("inputs: no test set; every input besides train is one (inputs.gsm8k: data/gsm8k.jsonl)")
+
+
+class DecontamStage(DataStage):
     """inputs.train (rows of any kind) against every other input, each one test set (a benchmark):
 
         inputs:

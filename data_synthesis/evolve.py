@@ -34,16 +34,15 @@ import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from alignment.data import Quarantined
-from alignment.stages import Outcome, ShardContext
+from alignment.generation import GenerationSpec
+from alignment.stages import Outcome, ShardContext, StageRecipe
 
-from .decontam import tokenize
 from .generate import GeneratingStage, lineage
-from .recipes import EvolveRecipe
-from .select import STOP_WORDS
+from .text import STOP_WORDS, tokenize
 
 _DEPTH = """You rewrite instructions for an AI assistant to make them harder to answer, while they stay natural \
 for a person to ask and possible to answer. Rewrite the instruction under #Given Prompt# by this method: {method}
@@ -158,6 +157,37 @@ class Chain:
     root: dict
     parent_id: str
     text: str
+
+
+@dataclass
+class EvolveRecipe(StageRecipe):
+    """inputs.instructions -> evolved instructions (every round's survivors) and the eliminated ones, with why
+    (data_synthesis.evolve). `operations` and `max_added_words` apply to method evol, the tree_ fields to tree."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    method: Literal["evol", "tree"] = "evol"
+    rounds: int = 1  # each round evolves the previous round's survivors
+    operations: list[str] = field(
+        default_factory=lambda: ["add_constraint", "deepen", "concretize", "multi_step", "complicate_input", "breadth"]
+    )  # drawn per row and round from (seed, row id, round)
+    max_added_words: int = 20  # an evolved instruction has at most the parent's words + this many
+    tree_new_nodes: int = 3  # nodes Tree-Instruct adds to the instruction's semantic tree
+    tree_max_words: int = 100  # a Tree-Instruct instruction's word limit
+
+    def __post_init__(self) -> None:
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one rewrite per row and round, one response to check it), "
+                             f"got {self.generation.n}")
+        for name in ("rounds", "max_added_words", "tree_new_nodes", "tree_max_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.operations:
+            raise ValueError(f"operations: must list at least one of {', '.join(OPERATIONS)}")
+        unknown = [o for o in self.operations if o not in OPERATIONS]
+        if unknown:
+            raise ValueError(f"operations: unknown operation {unknown[0]!r} (known: {', '.join(OPERATIONS)})")
+        if len(set(self.operations)) != len(self.operations):
+            raise ValueError("operations: an operation is listed twice")
 
 
 class EvolveStage(GeneratingStage):

@@ -28,21 +28,21 @@ import json
 import random
 import re
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, Literal
 
 from alignment.data import Quarantined, load_jsonl
-from alignment.stages import Outcome, ShardContext, StageError
-from reward.constraints import (CheckerVerdicts, Constraint, ConstraintError, constraints_from_specs,
-                                draw_constraints, run_checkers)
-from reward.sandbox import Program, SandboxResult, run_many, sandbox_unavailable_reason
+from alignment.generation import GenerationSpec
+from alignment.stages import Outcome, ShardContext, StageError, StageRecipe
+from reward.code import extract_code, run_solutions, task_tests
+from reward.constraints import (SEED_KINDS, CheckerVerdicts, Constraint, ConstraintError, constrained_prompt,
+                                constraints_from_specs, draw_constraints, run_checkers)
+from reward.sandbox import sandbox_unavailable_reason
 
 from .generate import GeneratingStage, lineage
-from .recipes import ExecutionRecipe
 
 TESTS_PROMPT = ("Write tests for a correct solution to the programming task below: Python `assert` statements "
                 "only, calling the functions the task asks for. Reply with one ```python code block.\n\n"
@@ -54,33 +54,6 @@ CHECKERS_PROMPT = ("A response to an instruction must follow this constraint:\n\
                    "some that follow the constraint and some that do not.")
 TOO_FEW_CHECKERS = "too few checkers"
 _JSON_BLOCK = re.compile(r"```[ \t]*json[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-_PYTHON_TAGS = {"", "python", "py", "python3"}
-
-
-def extract_code(reply: str) -> str:
-    """The code of a reply: the last fenced block tagged python (or untagged), else the last fenced block of
-    any tag, else the whole reply; an unclosed last fence runs to the end. Never executed here."""
-    blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(reply)]
-    python = [body for tag, body in blocks if tag in _PYTHON_TAGS]
-    if python or blocks:
-        return (python or [blocks[-1][1]])[-1].strip("\n")
-    return reply.strip()
-
-
-def solution_program(solution: str, tests: str, marker: str) -> Program:
-    """A sandbox job: `solution.py` is run, then `tests.py` in the same namespace, then `marker` is printed;
-    the solution's `if __name__ == "__main__":` block does not run (its __name__ is "solution")."""
-    main = ("_ns = {'__name__': 'solution', '__builtins__': __builtins__}\n"
-            "exec(compile(open('solution.py').read(), 'solution.py', 'exec'), _ns)\n"
-            "exec(compile(open('tests.py').read(), 'tests.py', 'exec'), _ns)\n"
-            f"print({marker!r})\n")
-    return Program(main, files={"solution.py": solution, "tests.py": tests})
-
-
-def solution_passed(result: SandboxResult, marker: str) -> bool:
-    """Exited 0 after the last test ran: the marker is the last line it printed."""
-    return result.passed and result.stdout.rstrip("\n").rsplit("\n", 1)[-1].endswith(marker)
 
 
 @dataclass
@@ -134,12 +107,6 @@ def execution_rows(task: dict, tests: str, tests_source: str, judged: JudgedSolu
                  "statuses": judged.statuses}] if suspect else []
     return {"demonstrations": demonstrations, "preferences": preferences, "scores": [score],
             "suspect_tests": suspects}
-
-
-def task_tests(task: dict) -> str | None:
-    """The tests a task brings (`meta.tests`, or a top-level `tests`), None when it brings none."""
-    tests = task.get("tests", task["meta"].get("tests"))
-    return tests if isinstance(tests, str) and tests.strip() else None
 
 
 def teacher_checker(reply: str) -> tuple[str | None, list[tuple[str, bool]]]:
@@ -223,19 +190,62 @@ def select_responses(replies: list[str], pass_rates: list[float], chosen_min_pas
     return demonstrations, [(c, rate, r) for (c, rate), r in zip(chosen, rejected)]
 
 
-def constrained_prompt(row: dict, constraints: list[Constraint]) -> list[dict]:
-    """The row's messages with the constraints' descriptions appended to the last user turn."""
-    last = row["messages"][-1]
-    text = last["content"] + "\n\n" + " ".join(c.description for c in constraints)
-    return row["messages"][:-1] + [last | {"content": text}]
-
-
 def row_constraints(row: dict, seed: int, count: int, kinds: list[str]) -> list[Constraint]:
     """The row's own `meta.constraints`, else `count` drawn from `kinds` by (seed, row id): a resumed run
     draws the same ones, whatever the shard size."""
     if "constraints" in row["meta"]:
         return constraints_from_specs(row["meta"]["constraints"])
     return draw_constraints(random.Random(f"{seed}:{row['id']}"), count, kinds)
+
+
+@dataclass
+class ExecutionRecipe(StageRecipe):
+    """code: inputs.tasks (prompts, tests in meta.tests or written by the teacher) -> solutions run with the
+    tests in the sandbox, passing to D, passing vs failing to P (data_synthesis.execution).
+    instruction_following: inputs.tasks (prompts, constraints in meta.constraints or drawn from the seed
+    kinds of reward.constraints) -> responses checked by constraint checkers in the sandbox, those passing
+    every checker to D, chosen (pass rate >= chosen_min_pass_rate) vs rejected (pass rate 0) to P. The fields
+    after `workers` apply to instruction_following only; set under kind code they are refused."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    kind: Literal["code", "instruction_following"] = "code"
+    timeout_s: float = 10.0  # code: per solution; instruction_following: per checker over all its texts
+    memory_mb: int = 512  # per sandbox process, address space
+    workers: int = 2  # sandboxes run at once (size it to the cores)
+    constraints_per_prompt: int = 2  # drawn per prompt without meta.constraints, from the seed and the row id
+    constraint_kinds: list[str] = field(default_factory=list)  # seed kinds to draw from; empty = all
+    teacher_checkers: int = 0  # checkers (with test cases) the teacher writes per constraint, AutoIF's way
+    checker_min_accuracy: float = 0.8  # a teacher checker's accuracy on the pooled cases to be kept
+    min_checkers: int = 3  # distinct kept teacher checkers a free-text constraint ({instruction: ...}) needs
+    chosen_min_pass_rate: float = 0.5  # a chosen response passes at least this share of the checkers
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "memory_mb", "workers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.kind == "code":
+            defaults = ExecutionRecipe.__dataclass_fields__
+            for name in ("constraints_per_prompt", "constraint_kinds", "teacher_checkers", "checker_min_accuracy",
+                         "min_checkers", "chosen_min_pass_rate"):
+                default = defaults[name].default_factory() if name == "constraint_kinds" else defaults[name].default
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: applies to kind instruction_following only, not code")
+            return
+        unknown = [k for k in self.constraint_kinds if k not in SEED_KINDS]
+        if unknown:
+            raise ValueError(f"constraint_kinds: unknown kind {unknown[0]!r} (known: {', '.join(SEED_KINDS)})")
+        if len(set(self.constraint_kinds)) != len(self.constraint_kinds):
+            raise ValueError("constraint_kinds: a kind is listed twice")
+        if self.constraints_per_prompt < 1:
+            raise ValueError(f"constraints_per_prompt: must be >= 1, got {self.constraints_per_prompt}")
+        draw_constraints(random.Random(0), self.constraints_per_prompt, self.constraint_kinds)  # raises if none go
+        if self.teacher_checkers < 0:
+            raise ValueError(f"teacher_checkers: must be >= 0, got {self.teacher_checkers}")
+        if self.min_checkers < 1:
+            raise ValueError(f"min_checkers: must be >= 1, got {self.min_checkers}")
+        for name in ("checker_min_accuracy", "chosen_min_pass_rate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be > 0 and <= 1, got {getattr(self, name)}")
 
 
 class ExecutionStage(GeneratingStage):
@@ -274,13 +284,12 @@ class ExecutionStage(GeneratingStage):
         runnable = [i for i, t in enumerate(tests) if t is not None]
         sampled = self.sample([rows[i] for i in runnable], ctx) if runnable else []
         replies = {i: [c.text for c in completions] for i, completions in zip(runnable, sampled)}
-        marker = f"all tests ran {uuid.uuid4().hex}"  # unguessable, so printing it is not passing
         jobs = [(i, reply) for i in runnable for reply in replies[i]]
         start = time.monotonic()
-        batch = run_many([solution_program(extract_code(reply), tests[i], marker) for i, reply in jobs],
-                         workers=recipe.workers, timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb)
+        verdicts, batch = run_solutions([(reply, tests[i]) for i, reply in jobs], workers=recipe.workers,
+                                        timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb)
         self._counted(len(jobs), start)
-        results = iter(batch.results)
+        results = iter(zip(verdicts, batch.results))
         outcomes: list[Outcome] = []
         for i, row in enumerate(rows):
             if tests[i] is None:
@@ -288,7 +297,7 @@ class ExecutionStage(GeneratingStage):
                                             "block of tests", row))
                 continue
             ran = [next(results) for _ in replies[i]]
-            judged = judge_solutions(replies[i], [solution_passed(r, marker) for r in ran], [r.status for r in ran])
+            judged = judge_solutions(replies[i], [ok for ok, _ in ran], [r.status for _, r in ran])
             outcomes.append(execution_rows(row, tests[i], sources[i], judged, recipe.generation.model, ctx.seed))
         return outcomes
 

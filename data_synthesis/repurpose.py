@@ -19,13 +19,14 @@ Every row keeps `meta.lineage` (stage, model, seed, parent id, kind, and the lev
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from alignment.data import Quarantined
-from alignment.stages import Outcome, ShardContext
+from alignment.generation import GenerationSpec
+from alignment.stages import Outcome, ShardContext, StageRecipe
 
 from .generate import GeneratingStage, lineage
-from .recipes import RepurposeRecipe
 
 _ASK = ("Below is a text. Write {what} to which this text, exactly as it stands, is the answer. "
         "Do not quote the text. Reply with the instruction only.\n\nText:\n{text}")
@@ -66,6 +67,30 @@ def literature_rows(doc: dict, instructions: list[tuple[str, str]], model: str, 
                          "meta": doc["meta"] | lineage("repurpose", model, seed, doc["id"], kind="literature",
                                                        level=level)})
     return rows
+
+
+@dataclass
+class RepurposeRecipe(StageRecipe):
+    """literature: inputs.documents (text rows) -> instructions at each detail level, the original text the answer;
+    roleplay: inputs.profiles (text rows, character profiles) -> a role-play exchange with the profile as system
+    prompt (data_synthesis.repurpose)."""
+
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    kind: Literal["literature", "roleplay"] = "literature"
+    detail_levels: list[str] = field(default_factory=lambda: ["brief", "detailed", "very_detailed"])
+
+    def __post_init__(self) -> None:
+        if self.generation.n != 1:
+            raise ValueError(f"generation.n: must be 1 (one instruction per level, one reply per turn), "
+                             f"got {self.generation.n}")
+        if self.kind == "literature":
+            if not self.detail_levels:
+                raise ValueError(f"detail_levels: must list at least one of {', '.join(DETAIL_TEMPLATES)}")
+            unknown = [d for d in self.detail_levels if d not in DETAIL_TEMPLATES]
+            if unknown:
+                raise ValueError(f"detail_levels: unknown level {unknown[0]!r} (known: {', '.join(DETAIL_TEMPLATES)})")
+            if len(set(self.detail_levels)) != len(self.detail_levels):
+                raise ValueError("detail_levels: a level is listed twice")
 
 
 class RepurposeStage(GeneratingStage):

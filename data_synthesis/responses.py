@@ -12,17 +12,54 @@ none is quarantined.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignment.data import Quarantined
-from alignment.generation import Generator, make_generator
-from alignment.stages import Outcome, ShardContext, Stage
+from alignment.generation import GenerationSpec, Generator, make_generator
+from alignment.stages import Outcome, ShardContext, DataStage, StageRecipe
 
 from .generate import lineage
-from .recipes import ResponsesRecipe
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 
-class ResponsesStage(Stage):
+@dataclass
+class ResponseGenerator(GenerationSpec):
+    """One entry of `responses`' `generators:`: a generation section plus the strategy name each of its responses
+    is recorded under, so the rankings can compare models and sampling strategies."""
+
+    strategy: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.strategy):
+            raise ValueError(f"strategy: name the sampling strategy in lower-case letters, digits, ., - or _ "
+                             f"(greedy, sampled-t0.8), got {self.strategy!r}")
+        if not self.model:
+            raise ValueError("model: name a checkpoint directory, Hub id or served model")
+        if self.n < 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
+
+
+@dataclass
+class ResponsesRecipe(StageRecipe):
+    """inputs.instructions -> several responses per instruction from several models and sampling strategies
+    (data_synthesis.responses)."""
+
+    generators: list[ResponseGenerator] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.generators:
+            raise ValueError("generators: list at least one {strategy, model, ...} entry")
+        seen: set[tuple[str, str]] = set()
+        for i, g in enumerate(self.generators):
+            if (g.model, g.strategy) in seen:
+                raise ValueError(f"generators[{i}].strategy: {g.strategy!r} is used twice for {g.model}")
+            seen.add((g.model, g.strategy))
+
+
+class ResponsesStage(DataStage):
     name = "responses"
     recipe_class = ResponsesRecipe
     inputs = {"instructions": "prompt"}

@@ -39,22 +39,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignment.data import Quarantined, read_rows
-from alignment.stages import Outcome, ShardContext, Stage, StageError
+from alignment.stages import Outcome, ShardContext, DataStage, StageError, StageRecipe
 
 from .generate import lineage
-from .recipes import SelectRecipe
+from .text import STOP_WORDS
 
 PRIMARY = "tagged"
 # English function words, and the pieces of contractions split at the apostrophe
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between both
-but by can could did do does doing down during each few for from further had has have having he her here hers
-herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
-once only or other our ours ourselves out over own same she should so some such than that the their theirs them
-themselves then there these they this those through to too under until up very was we were what when where which
-while who whom why will with would you your yours yourself yourselves i'm it's don't can't won't isn't
-s t d ll m re ve don won isn
-""".split())
 TASK_VERBS = frozenset("""
 analyse analyze answer calculate choose classify compare compose compute convert correct count create debug
 define describe design draft edit estimate evaluate explain extract find fix generate give identify implement
@@ -162,7 +153,20 @@ class RowPlan:
     chosen: dict[str, int] | None = None  # rank, sweep, new_tags
 
 
-class SelectStage(Stage):
+@dataclass
+class SelectRecipe(StageRecipe):
+    """inputs.tagged -> the selected instructions (complexity-first diverse sampling)."""
+
+    num_instructions: int = 1000  # rows to take (fewer when the pool runs out)
+    min_tags: int = 1  # rows with fewer tags are dropped before sampling; >= 1, so every sweep takes a row
+
+    def __post_init__(self) -> None:
+        for name in ("num_instructions", "min_tags"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+class SelectStage(DataStage):
     name = "select"
     recipe_class = SelectRecipe
     inputs = {PRIMARY: "prompt"}

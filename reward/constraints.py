@@ -474,3 +474,10 @@ def run_checkers(jobs: list[tuple[list[str], list[str]]], *, workers: int, check
                      workers=workers, timeout_s=checker_timeout_s * longest + JOB_OVERHEAD_S, memory_mb=memory_mb)
     return [parse_verdicts(result, marker, len(checkers), len(inputs))
             for result, (checkers, inputs) in zip(batch.results, jobs)], batch
+
+
+def constrained_prompt(row: dict, constraints: list[Constraint]) -> list[dict]:
+    """The row's messages with the constraints' descriptions appended to the last user turn."""
+    last = row["messages"][-1]
+    text = last["content"] + "\n\n" + " ".join(c.description for c in constraints)
+    return row["messages"][:-1] + [last | {"content": text}]

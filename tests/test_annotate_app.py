@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.pipeline import load_recipe
 from data_synthesis.annotate_app import (AnnotationApp, Refused, add_annotators, item_ranking, kendall_distance,
                                          krippendorff_alpha, load_items, merge_rankings, open_database)
+from qwen2_align.stage_table import load_recipe
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -124,7 +124,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "qwen2_align.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def wait_for(port: int, server: subprocess.Popen, log: Path) -> None:
@@ -171,7 +171,7 @@ def test_people_rank_in_chromium_and_the_export_matches_the_clicks(tmp_path):
     tokens = dict(line.split("\t") for line in made.stdout.splitlines() if "\t" in line)
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "alignment.cli", "annotate", "--recipe", str(recipe)],
+        server = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
                                   stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:

@@ -8,9 +8,9 @@ import yaml
 
 from alignment.checkpoint import init_checkpoint
 from alignment.generation import GenerationSpec, make_generator
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from data_synthesis.annotate import judge_prompt, judged_scores, parse_scores
+from qwen2_align.stage_table import load_recipe, run
 
 ITEMS = [{"id": f"q{i}", "prompt": [{"role": "user", "content": question}],
           "responses": [{"content": reply, "model": "m", "strategy": s} for reply, s in zip(replies, ("a", "b", "c"))],

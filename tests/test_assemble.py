@@ -10,13 +10,13 @@ import datasets
 import pytest
 import yaml
 
-from alignment.cli import main
 from alignment.data import load_jsonl, read_rows, write_rows
-from alignment.hub import decode_row
-from alignment.pipeline import load_recipe, run
 from alignment.stages import StageError, write_manifest
 from data_synthesis.assemble import AssembleStage
 from data_synthesis.decontam import ContaminationCheck
+from qwen2_align.cli import main
+from qwen2_align.hub import decode_row
+from qwen2_align.stage_table import load_recipe, run
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBeWritten"
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -202,7 +202,7 @@ def test_unreachable_hub_is_one_line_without_the_token(tmp_path):
     run("assemble", load_recipe(_recipe(tmp_path)))
     env = {**os.environ, "HF_TOKEN": SECRET, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
            "HF_HUB_ETAG_TIMEOUT": "2"}
-    out = subprocess.run([sys.executable, "-m", "alignment.cli", "push-data", "--run", str(tmp_path / "assemble"),
+    out = subprocess.run([sys.executable, "-m", "qwen2_align.cli", "push-data", "--run", str(tmp_path / "assemble"),
                           "--repo", "me/tiny-data", "--out", str(tmp_path / "up")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2

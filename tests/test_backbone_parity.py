@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import transformers
+from helpers.batches import padded_batch
 
 from alignment.model import Qwen2Config, Qwen2ForCausalLM, preset_config
-from helpers.batches import padded_batch
 
 ORIGINAL_LEN = 32  # YaRN runs at 4x this
 

@@ -8,15 +8,14 @@ import pytest
 import yaml
 
 from alignment.checkpoint import init_checkpoint
-from alignment.cli import main
 from alignment.data import read_rows
 from alignment.generation import Completion
-from alignment.pipeline import is_built, load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.stages import ShardContext, StageError
-from data_synthesis.constitution import (DEFAULT_CONSTITUTION, ConstitutionStage, load_constitution,
-                                         pick_principles)
-from data_synthesis.tiny_world import SAFETY
+from data_synthesis.constitution import DEFAULT_CONSTITUTION, ConstitutionStage, load_constitution, pick_principles
+from qwen2_align.cli import main
+from qwen2_align.demo.tiny_world import SAFETY
+from qwen2_align.stage_table import load_recipe, run
 
 REQUIRED = {"harm-avoidance", "honesty", "privacy", "refuse-harmful-instructions", "no-invented-facts"}
 PROMPTS = [
@@ -57,9 +56,8 @@ def test_the_default_constitution_covers_the_required_principles():
     for preset in ("qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         recipe = load_recipe(f"recipes/{preset}/constitution.yaml")
         assert {p.id for p in recipe.chosen} == {p.id for p in principles}
-    # the demo draws the two principles its tiny world teaches (data_synthesis.tiny_world.SAFETY)
+    # the demo draws the two principles its tiny world teaches (qwen2_align.demo.tiny_world.SAFETY)
     assert [p.id for p in load_recipe("recipes/tiny/constitution.yaml").chosen] == list(SAFETY)
-    assert is_built("constitution")
 
 
 def test_a_bad_constitution_is_a_one_line_error_naming_file_and_field(tmp_path):
@@ -67,13 +65,13 @@ def test_a_bad_constitution_is_a_one_line_error_naming_file_and_field(tmp_path):
     recipe = _write_recipe(tmp_path, _recipe(tmp_path, constitution=str(bad)))
     cases = [
         ("principles:\n  - {id: safety, follow: Be safe.}\n",
-         "principles[0] (safety).violate: must be a non-empty string"),
+         "principles[0].violate: required key is missing"),
         ("principles:\n  - {id: a, follow: x, violate: y}\n  - {id: a, follow: x, violate: y}\n",
          "principles[1].id: 'a' is used twice"),
         ("principles:\n  - {id: Bad Id, follow: x, violate: y}\n", "principles[0].id: must be lower-case"),
         ("principles:\n  - {id: a, follow: x, violate: y, folow: z}\n",
-         "principles[0] (a).folow: unknown key (did you mean 'follow'?)"),
-        ("principles:\n  - {id: a, follow: '  ', violate: y}\n", "principles[0] (a).follow: must be a non-empty"),
+         "principles[0].folow: unknown key (did you mean 'follow'?)"),
+        ("principles:\n  - {id: a, follow: '  ', violate: y}\n", "principles[0].follow: must be a non-empty"),
         ("principle: []\n", "principle: unknown key (did you mean 'principles'?)"),
         ("principles: []\n", "principles: must be a non-empty list"),
         ("principles: [\n", "line 2: invalid YAML"),

@@ -6,14 +6,14 @@ import json
 
 import datasets
 import pytest
+from helpers.hub_layouts import (ULTRACHAT_SPLITS, ultrachat_folder, ultrachat_rows, ultrafeedback_folder,
+                                 ultrafeedback_rows, write_hub_folder)
 from huggingface_hub import constants as hub_constants
 
 from alignment.data import DataError, DataSource, content_id, read_rows, trl_dataset
-from alignment.pipeline import load_recipe
-from alignment.recipes import RecipeError
-from alignment.stages import StageRecipe, begin_run, describe_input
-from helpers.hub_layouts import (ULTRACHAT_SPLITS, ultrachat_folder, ultrachat_rows, ultrafeedback_folder,
-                                 ultrafeedback_rows, write_hub_folder)
+from alignment.recipe_loader import RecipeError
+from alignment.stages import Run, StageRecipe, describe_input
+from qwen2_align.stage_table import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_fingerprint_follows_data_files_and_split(tmp_path, monkeypatch):
         """The stage fingerprint of a recipe reading `source`, run from a fresh directory (same run_dir text)."""
         (tmp_path / workdir).mkdir()
         monkeypatch.chdir(tmp_path / workdir)
-        return begin_run("t", StageRecipe(stage="t", run_dir="run", inputs={"x": source}), ["x"]).fingerprint
+        return Run.start("t", StageRecipe(stage="t", run_dir="run", inputs={"x": source}), ["x"]).fingerprint
 
     train = DataSource(str(folder), split="train_sft")
     described = describe_input(train)

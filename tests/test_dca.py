@@ -10,20 +10,9 @@ import torch
 import transformers
 
 from alignment.model import Qwen2Config, Qwen2ForCausalLM, preset_config
-from alignment.model.dca import (
-    DualChunkRotary,
-    attention_with_lse,
-    attention_with_lse_backward,
-    block_parts,
-    cuda_attend,
-    cuda_attend_backward,
-    dual_chunk_attention,
-    enable_long_context,
-    trained_length_of,
-    math_attend,
-    math_attend_backward,
-    query_positions,
-)
+from alignment.model.dca import (DualChunkRotary, attention_with_lse, attention_with_lse_backward, block_parts,
+                                 cuda_attend, cuda_attend_backward, dual_chunk_attention, enable_long_context,
+                                 math_attend, math_attend_backward, query_positions, trained_length_of)
 from alignment.model.rope import RotaryEmbedding, apply_rotary, rope_frequencies, rotate_half
 
 THETA = 10_000.0
@@ -280,7 +269,7 @@ def test_enable_long_context_round_trips_through_config_json(tmp_path):
 
 def test_chat_switches_long_context_on_for_generation_only(tmp_path, capsys):
     from alignment.checkpoint import init_checkpoint, load_causal_lm
-    from alignment.cli import main
+    from qwen2_align.cli import main
 
     ck = init_checkpoint("tiny", tmp_path / "ck", initializer_range=0.3)
     before = (ck / "config.json").read_text()
@@ -344,8 +333,8 @@ def test_yarn_without_an_original_length_is_refused():
 
 def test_chat_refuses_long_context_without_a_trained_length_then_takes_the_flag(tmp_path, capsys):
     from alignment.checkpoint import init_checkpoint, load_causal_lm
-    from alignment.cli import main
     from alignment.generation import GenerationSpec
+    from qwen2_align.cli import main
 
     ck = init_checkpoint("tiny", tmp_path / "hub", num_hidden_layers=1, initializer_range=0.3)
     hub_style = json.loads((ck / "config.json").read_text())  # as released: no record of the trained length

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
-from data_synthesis.decontam import (find_contamination, lcs_length, min_lcs, ngram_overlapping_test_items, row_text,
-                                     tokenize)
+from alignment.recipe_loader import RecipeError
+from data_synthesis.decontam import find_contamination, lcs_length, min_lcs, ngram_overlapping_test_items, row_text
+from data_synthesis.text import tokenize
+from qwen2_align.stage_table import load_recipe, run
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
             "How many clips did Natalia sell altogether in April and May?")

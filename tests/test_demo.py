@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.demo import STEPS, run_demo
-from alignment.pipeline import load_recipe
-from data_synthesis.tiny_world import TinyWorld, write_world
+from qwen2_align.demo import STEPS, run_demo
+from qwen2_align.demo.tiny_world import TinyWorld, write_world
+from qwen2_align.stage_table import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_OUTPUTS = ("run_dir", "database")
@@ -72,7 +72,7 @@ def _in_a_checkout_copy(tmp_path: Path) -> Path:
 def test_a_shortened_demo_runs_every_stage_resumes_after_kill_9_and_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_in_a_checkout_copy(tmp_path))
     runs = tmp_path / "runs/tiny"
-    script = f"from alignment.demo import run_demo; run_demo(overrides={SHORT!r}, world={SHORT_WORLD!r})"
+    script = f"from qwen2_align.demo import run_demo; run_demo(overrides={SHORT!r}, world={SHORT_WORLD!r})"
     process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 600

@@ -10,13 +10,13 @@ import torch
 import yaml
 
 from alignment.checkpoint import init_checkpoint, load_causal_lm, reward_model_class
-from alignment.cli import main
-from alignment.eval import (SandboxSpec, arithmetic_correct, models_override, read_task, score_arithmetic,
-                            score_code, score_constraints, text_nll)
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.stages import StageError
 from alignment.tokenizer import load_tokenizer
+from qwen2_align.cli import main
+from qwen2_align.eval import (SandboxSpec, arithmetic_correct, models_override, read_task, score_arithmetic, score_code,
+                              score_constraints, text_nll)
+from qwen2_align.stage_table import load_recipe, run
 from reward import sandbox
 
 needs_bwrap = pytest.mark.skipif(sandbox.sandbox_unavailable_reason() is not None,

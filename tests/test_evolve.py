@@ -9,11 +9,11 @@ import yaml
 
 from alignment.checkpoint import init_checkpoint
 from alignment.generation import Completion
-from alignment.pipeline import is_built, load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.stages import ShardContext
 from data_synthesis.evolve import (IN_DEPTH, OPERATIONS, EvolveStage, instruction_problem, pick_operation,
                                    response_problem, rewrite_prompt)
+from qwen2_align.stage_table import load_recipe, run
 
 PARENT = "Write a poem about the sea."  # 6 words
 
@@ -153,7 +153,6 @@ def test_rounds_lineage_and_eliminations_with_a_scripted_teacher(tmp_path):
 
 
 def test_the_stage_runs_on_the_tiny_model_and_resumes(tmp_path):
-    assert is_built("evolve")
     init_checkpoint("tiny", tmp_path / "init", seed=0, num_hidden_layers=1)
     rows = [json.loads(line) for line in open("recipes/tiny/data/prompts.jsonl").read().splitlines()[:3]]
     rows.append({"id": "broken", "messages": []})

@@ -10,12 +10,12 @@ import yaml
 from alignment.checkpoint import init_checkpoint
 from alignment.data import read_rows
 from alignment.generation import Completion
-from alignment.pipeline import is_built, load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.stages import ShardContext
-from data_synthesis.execution import (TESTS_PROMPT, ExecutionStage, execution_rows, extract_code,
-                                      judge_solutions, solution_passed, solution_program)
+from data_synthesis.execution import TESTS_PROMPT, ExecutionStage, execution_rows, judge_solutions
+from qwen2_align.stage_table import load_recipe, run
 from reward import sandbox
+from reward.code import extract_code, solution_passed, solution_program
 from reward.sandbox import run_many
 
 needs_bwrap = pytest.mark.skipif(sandbox.sandbox_unavailable_reason() is not None,
@@ -101,8 +101,7 @@ def test_model_tests_that_every_solution_fails_are_suspect_not_the_solutions():
     assert not mixed["suspect_tests"] and len(mixed["preferences"]) == 1
 
 
-def test_the_stage_is_built_and_bad_code_recipes_are_refused(tmp_path):
-    assert is_built("execution")
+def test_bad_code_recipes_are_refused(tmp_path):
     data = yaml.safe_load(open("recipes/tiny/execution.yaml"))
     for preset in ("tiny", "qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         assert load_recipe(f"recipes/{preset}/execution.yaml").kind == "code"

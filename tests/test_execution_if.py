@@ -10,12 +10,12 @@ import yaml
 
 from alignment.checkpoint import init_checkpoint
 from alignment.data import Quarantined, read_rows
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
-from data_synthesis.execution import (ExecutionStage, constraint_checks, constrained_prompt, cross_validate,
-                                      row_constraints, select_responses, teacher_checker)
+from alignment.recipe_loader import RecipeError
+from data_synthesis.execution import (ExecutionStage, constraint_checks, cross_validate, row_constraints,
+                                      select_responses, teacher_checker)
+from qwen2_align.stage_table import load_recipe, run
 from reward import sandbox
-from reward.constraints import (SEED_KINDS, CheckerVerdicts, ConstraintError, constraint_from_spec,
+from reward.constraints import (SEED_KINDS, CheckerVerdicts, ConstraintError, constrained_prompt, constraint_from_spec,
                                 constraints_from_specs, draw_constraints, make_constraint, run_checkers)
 
 needs_bwrap = pytest.mark.skipif(sandbox.sandbox_unavailable_reason() is not None,

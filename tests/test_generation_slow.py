@@ -43,7 +43,7 @@ def _stage(tmp_path: Path, name: str, prompts: Path, generation: dict, shard_siz
 
 
 def _run(recipe: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignment.cli", "generate", "--recipe", str(recipe)],
+    return subprocess.run([sys.executable, "-m", "qwen2_align.cli", "generate", "--recipe", str(recipe)],
                           capture_output=True, text=True, env=VLLM_ENV, timeout=900, **kw)
 
 
@@ -109,7 +109,7 @@ def test_openai_backend_against_vllm_serve_and_a_server_that_dies(tmp_path, mode
 
         many = _prompts(tmp_path / "many.jsonl", 60)
         recipe, run_dir = _stage(tmp_path, "dies", many, {**generation, "max_new_tokens": 48}, shard_size=2)
-        proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "generate", "--recipe", str(recipe)],
+        proc = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "generate", "--recipe", str(recipe)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=VLLM_ENV)
         shards = run_dir / "shards"
         while len(list(shards.glob("*.jsonl"))) < 2 and proc.poll() is None:

@@ -12,10 +12,10 @@ import transformers
 
 from alignment.checkpoint import init_checkpoint, load_causal_lm
 from alignment.model.loss import CHUNK_ROWS
-from alignment.pipeline import load_recipe
-from alignment.plan import count_parameters, model_config
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.stages import write_manifest
+from qwen2_align.plan import count_parameters, model_config
+from qwen2_align.stage_table import load_recipe
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBeWritten"
 
@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qwen2_align.cli", *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "HF_TOKEN": SECRET, **(env or {})})
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers
+from helpers.batches import padded_batch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 from safetensors import safe_open
 
@@ -13,7 +14,6 @@ from alignment.checkpoint import load_causal_lm
 from alignment.model import Qwen2MoeConfig, Qwen2MoeForCausalLM, preset_config
 from alignment.model.mlp import Qwen2MLP
 from alignment.model.moe import grouped_experts, is_moe_layer, route
-from helpers.batches import padded_batch
 
 # Three routing set-ups: renormalised top-k, raw top-k probabilities (Qwen2-57B-A14B), and a mix
 # of dense and sparse layers (MoE only at layers 1 and 5: step 2, with layer 3 forced dense).

@@ -16,14 +16,13 @@ import yaml
 
 from alignment.checkpoint import init_checkpoint, reward_model_class
 from alignment.data import write_rows
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
+from alignment.reward_model import RewardModel
+from alignment.stages import Run
 from alignment.tokenizer import load_tokenizer
-from alignment.stages import begin_run
 from alignment.train.online_dpo import OnlineDPO, best_and_worst, episode_prompts
-from reward.model import RewardModel
-from reward.verifiers import answer_is_correct
-from data_synthesis.arithmetic import math_problems
+from qwen2_align.demo.arithmetic import math_problems
+from qwen2_align.stage_table import load_recipe, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/tiny/online-dpo.yaml"
@@ -110,7 +109,7 @@ def test_online_dpo_runs_episodes_and_a_killed_run_resumes_to_the_same_policy(ti
     assert (whole / "curves.png").exists()
 
     killed = root / "killed"
-    command = [sys.executable, "-m", "alignment.cli", "online-dpo", "--recipe", str(RECIPE)]
+    command = [sys.executable, "-m", "qwen2_align.cli", "online-dpo", "--recipe", str(RECIPE)]
     command += [arg for o in _overrides(tiny_setup, killed) for arg in ("--set", o)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -137,7 +136,7 @@ def test_the_verifier_decides_and_the_reward_model_orders_within_a_verdict(tiny_
     overrides = _overrides(tiny_setup, tmp_path / "run") + [f"inputs.prompts={prompts}", "verifier=math",
                                                              "eval_prompts=1"]
     recipe = load_recipe(RECIPE, overrides=overrides)
-    online = OnlineDPO(recipe, begin_run("online-dpo", recipe, ["prompts"]), RewardModel, answer_is_correct)
+    online = OnlineDPO(recipe, Run.start("online-dpo", recipe, ["prompts"]))
     assert online.counts["quarantined"] == 1 and len(online.train_rows) + len(online.eval_rows) == 4
     row = rows[0]
     answer = int(row["meta"]["answer"])
@@ -148,8 +147,7 @@ def test_the_verifier_decides_and_the_reward_model_orders_within_a_verdict(tiny_
     assert rewards == pytest.approx([v + 0.5 / (1 + math.exp(-s)) for v, s in zip((1, 0, 0, 0), scores)])
 
     verifier_only = load_recipe(RECIPE, overrides=overrides + ["reward_model=", f"run_dir={tmp_path / 'v'}"])
-    alone = OnlineDPO(verifier_only, begin_run("online-dpo", verifier_only, ["prompts"]), RewardModel,
-                      answer_is_correct)
+    alone = OnlineDPO(verifier_only, Run.start("online-dpo", verifier_only, ["prompts"]))
     assert alone.scorer is None and alone.rewards([row] * 4, texts) == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(RecipeError, match="reward_model: required without a verifier"):
         load_recipe(RECIPE, overrides=overrides + ["reward_model=", "verifier=none"])
@@ -178,7 +176,7 @@ def test_vllm_reads_the_next_policy_in_place_and_runs_online_dpo(tiny_setup, tmp
                                                                    spec.sampling(seed=0))])
     assert before == expected[0] and after == expected[1] and before != after
 
-    command = [sys.executable, "-m", "alignment.cli", "online-dpo", "--recipe", str(RECIPE)]
+    command = [sys.executable, "-m", "qwen2_align.cli", "online-dpo", "--recipe", str(RECIPE)]
     overrides = _overrides(tiny_setup, tmp_path / "vllm") + ["generation.backend=vllm", "generation.max_model_len=256",
                                                              "generation.cpu_kvcache_gib=1"]
     proc = subprocess.run(command + [arg for o in overrides for arg in ("--set", o)], capture_output=True, text=True,

@@ -6,15 +6,15 @@ import re
 import pytest
 import yaml
 
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.tokenizer import qwen2_tokenizer, reduced_tokenizer
 from data_synthesis.annotate import JUDGE_PROMPT
 from data_synthesis.constitution import FOLLOW_SYSTEM, VIOLATE_SYSTEM
 from data_synthesis.evolve import depth_prompt
 from data_synthesis.instag import TAG_PROMPT
 from data_synthesis.repurpose import DETAIL_TEMPLATES, OPENING_TEMPLATE
-from data_synthesis.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus, write_world
+from qwen2_align.demo.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus, write_world
+from qwen2_align.stage_table import load_recipe, run
 
 
 def test_the_reduced_vocabulary_tokenises_its_texts_exactly_as_qwen2_does():

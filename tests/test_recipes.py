@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.pipeline import STAGES, check_recipe_dir, load_recipe
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
+from qwen2_align.stage_table import STAGES, check_recipe_dir, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -97,7 +97,7 @@ def test_overrides_index_lists_and_name_a_bad_index(tmp_path):
 
 def test_cli_prints_one_line_without_traceback(tmp_path):
     path = _write(tmp_path, "stage: generate\nrun_dir: x\nshard_sise: 4\n")
-    out = subprocess.run([sys.executable, "-m", "alignment.cli", "generate", "--recipe", str(path)],
+    out = subprocess.run([sys.executable, "-m", "qwen2_align.cli", "generate", "--recipe", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"qwen2-align: {path}: shard_sise: unknown key (did you mean 'shard_size'?)"

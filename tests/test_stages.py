@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from alignment.checkpoint import init_checkpoint
-from alignment.pipeline import load_recipe, run
 from alignment.stages import StageError
+from qwen2_align.stage_table import load_recipe, run
 
 N_PROMPTS = 18
 
@@ -49,7 +49,7 @@ def _recipe(tmp_path: Path, model_dir: Path, run_dir: Path, prompts: Path, **gen
 
 
 def _cli(recipe: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "alignment.cli", "generate", "--recipe", str(recipe)],
+    return subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "generate", "--recipe", str(recipe)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers.hub_layouts import ULTRACHAT_SPLITS, ULTRAFEEDBACK_SPLITS, ultrachat_folder, ultrafeedback_folder
 from safetensors.torch import load_file
 
 from alignment.checkpoint import init_checkpoint
-from helpers.hub_layouts import ULTRACHAT_SPLITS, ULTRAFEEDBACK_SPLITS, ultrachat_folder, ultrafeedback_folder
-from alignment.pipeline import load_recipe, run
-from data_synthesis.arithmetic import write_arithmetic_sets
+from qwen2_align.demo.arithmetic import write_arithmetic_sets
+from qwen2_align.stage_table import load_recipe, run
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_reward_model_trains_and_loads_in_stock_transformers(setup):
     stock = transformers.AutoModelForSequenceClassification.from_pretrained(root / "rm")
     assert type(stock).__name__ == "Qwen2ForSequenceClassification" and stock.config.num_labels == 1
     from alignment.data import load_jsonl
-    from reward.model import RewardModel
+    from alignment.reward_model import RewardModel
 
     scorer = RewardModel(str(root / "rm"))
     tok = scorer.tokenizer
@@ -152,7 +152,7 @@ def test_sft_killed_mid_training_resumes_to_the_same_weights(setup):
     common = dict(max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=None)
     ref = _recipe(root, "sft", model, data["demonstrations"], root / "sft-ref", **common)
     killed = _recipe(root, "sft", model, data["demonstrations"], root / "sft-killed", **common)
-    cli = lambda r: subprocess.Popen([sys.executable, "-m", "alignment.cli", "sft", "--recipe", str(r)],  # noqa: E731
+    cli = lambda r: subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "sft", "--recipe", str(r)],  # noqa: E731
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run("sft", load_recipe(ref))  # the uninterrupted reference, in this process
     proc = cli(killed)
@@ -206,7 +206,7 @@ def test_moe_reward_model_trains_and_loads_in_stock_transformers(setup, moe):
     run("rm", load_recipe(_recipe(root, "rm", moe, data["preferences"], root / "rm-moe", max_steps=2)))
     stock = transformers.AutoModelForSequenceClassification.from_pretrained(root / "rm-moe")
     assert type(stock).__name__ == "Qwen2MoeForSequenceClassification"
-    from reward.model import RewardModel
+    from alignment.reward_model import RewardModel
 
     scorer = RewardModel(str(root / "rm-moe"))
     conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]

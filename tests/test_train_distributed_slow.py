@@ -14,15 +14,15 @@ import yaml
 from safetensors.torch import load_file
 
 from alignment.checkpoint import init_checkpoint
-from data_synthesis.arithmetic import write_arithmetic_sets
+from qwen2_align.demo.arithmetic import write_arithmetic_sets
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = ROOT / "tests" / "helpers"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
 LAUNCHERS = {
-    "1proc": [sys.executable, "-m", "alignment.cli"],
-    "ddp": [*LAUNCH, str(ROOT / "recipes" / "accelerate" / "cpu-2proc.yaml"), "-m", "alignment.cli"],
+    "1proc": [sys.executable, "-m", "qwen2_align.cli"],
+    "ddp": [*LAUNCH, str(ROOT / "recipes" / "accelerate" / "cpu-2proc.yaml"), "-m", "qwen2_align.cli"],
     "fsdp2": [*LAUNCH, str(HELPERS / "cpu-2proc-fsdp2.yaml"), str(HELPERS / "fsdp2_on_cpu.py")],
 }
 

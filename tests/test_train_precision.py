@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from alignment import precision
 from alignment.checkpoint import init_checkpoint
-from alignment.pipeline import load_recipe
-from alignment.stages import begin_run
+from alignment.stages import Run
 from alignment.train.common import load_training_data, save_model
 from alignment.train.sft import build_sft_trainer
-from data_synthesis.arithmetic import write_arithmetic_sets
+from qwen2_align.demo.arithmetic import write_arithmetic_sets
+from qwen2_align.stage_table import load_recipe
 
 
 def _sft_update(root, model, data, dtype: str, steps: int = 20):
@@ -27,8 +27,8 @@ def _sft_update(root, model, data, dtype: str, steps: int = 20):
                      "gradient_checkpointing": False, "save_strategy": "no", "disable_tqdm": True},
     }))
     recipe = load_recipe(recipe_path)
-    run = begin_run("sft", recipe, ["train"])
-    trainer = build_sft_trainer(recipe, load_training_data(recipe, "demonstration", run))
+    run = Run.start("sft", recipe, ["train"])
+    trainer = build_sft_trainer(recipe, load_training_data(recipe, "demonstration", run), recipe.model)
     before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
     trainer.train()
     after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -51,7 +51,7 @@ def test_bf16_recipe_trains_fp32_master_weights_like_the_fp32_run(tmp_path):
     assert cosine >= 0.99, cosine
     assert changed >= 0.9, changed
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-    save_model(trainer, recipe, run)  # the checkpoint keeps the dtype it started in
+    save_model(trainer, recipe, run.run_dir, recipe.model)  # the checkpoint keeps the dtype it started in
     assert {t.dtype for t in load_file(run.run_dir / "model.safetensors").values()} == {torch.bfloat16}
 
 

@@ -14,13 +14,13 @@ import yaml
 from trl import DPOTrainer, SFTTrainer
 
 from alignment.checkpoint import init_checkpoint
-from alignment.pipeline import load_recipe, run
-from alignment.recipes import RecipeError
-from alignment.stages import begin_run
+from alignment.recipe_loader import RecipeError
+from alignment.stages import Run
 from alignment.train.common import load_frozen_model, load_training_data
 from alignment.train.dpo import build_dpo_trainer
 from alignment.train.sft import build_sft_trainer
-from data_synthesis.arithmetic import write_arithmetic_sets
+from qwen2_align.demo.arithmetic import write_arithmetic_sets
+from qwen2_align.stage_table import load_recipe, run
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_sft_keys_give_stock_trl_loss_and_gradients(setup, case):
     root, models, data = setup
     preset, training = SFT_CASES[case]
     recipe = load_recipe(_write_recipe(root, "sft", models[preset], data["demonstrations"], f"sft-{case}", **training))
-    split = load_training_data(recipe, "demonstration", begin_run("sft", recipe, ["train"]))
-    ours = build_sft_trainer(recipe, split)
+    split = load_training_data(recipe, "demonstration", Run.start("sft", recipe, ["train"]))
+    ours = build_sft_trainer(recipe, split, recipe.model)
     stock = SFTTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(models[preset], dtype=torch.float32),
                        args=ours.args, train_dataset=split.train_dataset(),
                        processing_class=ours.processing_class)
@@ -94,7 +94,7 @@ def test_dpo_keys_give_stock_trl_loss_and_gradients(setup, case):
     root, models, data = setup
     recipe = load_recipe(_write_recipe(root, "dpo", models["tiny"], data["preferences"], f"dpo-{case}", beta=0.1,
                                        **DPO_CASES[case]))
-    split = load_training_data(recipe, "preference", begin_run("dpo", recipe, ["train"]))
+    split = load_training_data(recipe, "preference", Run.start("dpo", recipe, ["train"]))
     ours = build_dpo_trainer(recipe, split, load_frozen_model(recipe.model, recipe))
     stock_model = lambda: transformers.AutoModelForCausalLM.from_pretrained(models["tiny"], dtype=torch.float32)  # noqa: E731
     stock = DPOTrainer(model=stock_model(), ref_model=stock_model(), args=ours.args,

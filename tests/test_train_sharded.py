@@ -18,11 +18,11 @@ from torch.distributed.tensor import DTensor
 from alignment.checkpoint import init_checkpoint
 from alignment.model import Qwen2ForCausalLM, preset_config
 from alignment.model.loss import causal_lm_loss, token_logprobs
-from alignment.pipeline import load_recipe
-from alignment.stages import begin_run
+from alignment.stages import Run
 from alignment.train.common import load_training_data, save_model, whole_models
 from alignment.train.sft import build_sft_trainer
-from data_synthesis.arithmetic import write_arithmetic_sets
+from qwen2_align.demo.arithmetic import write_arithmetic_sets
+from qwen2_align.stage_table import load_recipe
 
 NARROW = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
 
@@ -131,14 +131,14 @@ def test_save_model_writes_through_the_trainer_in_the_starting_dtype(tmp_path, m
                      "max_steps": 2, "gradient_checkpointing": False, "save_strategy": "no", "disable_tqdm": True},
     }))
     recipe = load_recipe(recipe_path)
-    run = begin_run("sft", recipe, ["train"])
-    trainer = build_sft_trainer(recipe, load_training_data(recipe, "demonstration", run))
+    run = Run.start("sft", recipe, ["train"])
+    trainer = build_sft_trainer(recipe, load_training_data(recipe, "demonstration", run), recipe.model)
     trainer.train()
     written = []
     trainer_save = trainer.save_model
     monkeypatch.setattr(trainer, "save_model", lambda output_dir, **kw: written.append(output_dir) or
                         trainer_save(output_dir, **kw))
-    save_model(trainer, recipe, run)
+    save_model(trainer, recipe, run.run_dir, recipe.model)
     assert written == [str(run.run_dir / "adapter" if lora else run.run_dir)]
 
     trained = trainer.model.merge_and_unload() if lora else trainer.model

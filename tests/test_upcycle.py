@@ -11,9 +11,9 @@ import transformers
 from safetensors.torch import load_file
 
 from alignment.checkpoint import init_checkpoint, load_causal_lm
-from alignment.cli import main
 from alignment.model import Qwen2MoeForCausalLM
 from alignment.upcycle import upcycle
+from qwen2_align.cli import main
 
 SHAPE = dict(num_experts=8, top_k=2, expert_size=96, shared_size=384)  # tiny-moe from tiny (h_F = 384)
 
@@ -154,7 +154,7 @@ def test_load_balancing_loss_at_uniform_routing_is_top_k(ckpts):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "qwen2_align.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_upcycle_with_preset_and_clear_errors(ckpts, tmp_path, capsys):

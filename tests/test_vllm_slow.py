@@ -40,8 +40,8 @@ def test_vllm_generates_our_greedy_tokens(tmp_path, tokenizer, preset, init_std)
 @pytest.mark.slow
 def test_push_dry_run_folder_runs_in_vllm(tmp_path, tokenizer):
     """The exact folder `push` would upload loads in vLLM and decodes like our backbone."""
-    from alignment.hub import build_upload_folder
     from alignment.stages import write_manifest
+    from qwen2_align.hub import build_upload_folder
 
     run_dir = init_checkpoint("tiny", tmp_path / "run", seed=4, initializer_range=0.5)
     write_manifest(run_dir, {"stage": "sft", "recipe": {"model": "Qwen/Qwen2-0.5B"}, "inputs": {}, "counts": {}})

@@ -1,6 +1,20 @@
 """Text generation behind one interface: transformers, vLLM, or an OpenAI-compatible server."""
 
-from .base import Completion, GenerationError, GenerationSpec, Generator, Prompt, SamplingParams, make_generator
+from .base import Completion, GenerationError, GenerationSpec, Generator, Prompt, Sampling, SamplingParams
+from .openai_backend import OpenAIGenerator
+from .transformers_backend import TransformersGenerator
+from .vllm_backend import VLLMGenerator
 
-__all__ = ["Completion", "GenerationError", "GenerationSpec", "Generator", "Prompt", "SamplingParams",
-           "make_generator"]
+BACKENDS: dict[str, type[Generator]] = {"transformers": TransformersGenerator, "vllm": VLLMGenerator,
+                                        "openai": OpenAIGenerator}
+
+
+def make_generator(spec: GenerationSpec) -> Generator:
+    """The backend a recipe's `generation:` section names."""
+    if not spec.model:
+        raise GenerationError("generation.model: name a checkpoint directory, Hub id or served model")
+    return BACKENDS[spec.backend](spec)
+
+
+__all__ = ["BACKENDS", "Completion", "GenerationError", "GenerationSpec", "Generator", "Prompt", "Sampling",
+           "SamplingParams", "make_generator"]

@@ -9,8 +9,12 @@ OpenAI-compatible server, e.g. `vllm serve`). A recipe's `generation:` section p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
+
+import torch
+
+from ..precision import resolve_dtype
 
 Prompt = list[dict] | str
 
@@ -20,17 +24,23 @@ class GenerationError(RuntimeError):
 
 
 @dataclass
-class SamplingParams:
-    """temperature 0 means greedy decoding."""
+class Sampling:
+    """How to sample: the fields a recipe's `generation:` section and one generate() call share."""
 
     n: int = 1
     max_new_tokens: int = 256
-    temperature: float = 0.0
+    temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
     top_k: int = -1
     repetition_penalty: float = 1.0
-    seed: int | None = None
     stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SamplingParams(Sampling):
+    """One generate() call's sampling."""
+
+    seed: int | None = None
 
 
 @dataclass
@@ -41,19 +51,13 @@ class Completion:
 
 
 @dataclass
-class GenerationSpec:
+class GenerationSpec(Sampling):
     """The recipe's `generation:` section: which backend and model, and how to sample."""
 
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     model: str = ""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    n: int = 1
-    max_new_tokens: int = 256
     temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = -1
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
     batch_size: int = 16  # transformers: prompts per generate() call
     # vllm
     tensor_parallel_size: int = 1
@@ -80,14 +84,9 @@ class GenerationSpec:
             given["trained_length"] = self.trained_length
         return given
 
-    def compute_dtype(self) -> str:
+    def load_dtype(self) -> str:
         """The dtype to load the model in: `auto` on a machine without a GPU is what the matmul probe
-        picks (bf16 generation ran at 0.96x fp32 on a CPU without AMX), elsewhere as given (`auto`
-        keeps the checkpoint's dtype)."""
-        import torch
-
-        from ..precision import resolve_dtype
-
+        picks, elsewhere as given (`auto` keeps the checkpoint's dtype)."""
         if self.dtype != "auto" or torch.cuda.is_available():
             return self.dtype
         dtype, why = resolve_dtype("auto", "cpu")
@@ -95,13 +94,8 @@ class GenerationSpec:
         return dtype
 
     def sampling(self, seed: int | None = None, **overrides) -> SamplingParams:
-        return SamplingParams(
-            **{
-                "n": self.n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
-                "stop": list(self.stop), "seed": seed, **overrides,
-            }
-        )
+        shared = {f.name: getattr(self, f.name) for f in fields(Sampling)}
+        return SamplingParams(**(shared | {"stop": list(self.stop), "seed": seed} | overrides))
 
 
 class Generator(ABC):
@@ -119,20 +113,3 @@ class Generator(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def make_generator(spec: GenerationSpec) -> Generator:
-    """The backend a recipe names, loaded lazily so unused backends cost no import."""
-    if not spec.model:
-        raise GenerationError("generation.model: name a checkpoint directory, Hub id or served model")
-    if spec.backend == "transformers":
-        from .hf import TransformersGenerator
-
-        return TransformersGenerator(spec)
-    if spec.backend == "vllm":
-        from .vllm import VLLMGenerator
-
-        return VLLMGenerator(spec)
-    from .openai import OpenAIGenerator
-
-    return OpenAIGenerator(spec)

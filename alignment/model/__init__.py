@@ -2,16 +2,9 @@
 
 from .config import Qwen2Config, Qwen2MoeConfig
 from .dca import enable_long_context
-from .modeling import (
-    CAUSAL_LM_CLASSES,
-    Qwen2ForCausalLM,
-    Qwen2ForSequenceClassification,
-    Qwen2Model,
-    Qwen2MoeForCausalLM,
-    Qwen2MoeForSequenceClassification,
-    Qwen2PreTrainedModel,
-    SEQUENCE_CLASSIFICATION_CLASSES,
-)
+from .modeling import (CAUSAL_LM_CLASSES, SEQUENCE_CLASSIFICATION_CLASSES, Qwen2ForCausalLM,
+                       Qwen2ForSequenceClassification, Qwen2Model, Qwen2MoeForCausalLM,
+                       Qwen2MoeForSequenceClassification, Qwen2PreTrainedModel)
 from .presets import PRESETS, preset_config
 
 __all__ = [

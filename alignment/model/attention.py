@@ -33,14 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .dca import (
-    DualChunkPositions,
-    attention_with_lse,
-    attention_with_lse_backward,
-    dual_chunk_attention,
-    expand_kv_heads,
-)
-from .loss import compute_dtype
+from .dca import (DualChunkPositions, attention_with_lse, attention_with_lse_backward, dual_chunk_attention,
+                  expand_kv_heads)
+from .loss import matmul_dtype
 from .rope import apply_rotary
 
 
@@ -189,7 +184,7 @@ def attend(
     if layout.segments is not None:
         if dropout:
             raise ValueError("attention dropout is not implemented for packed or padded rows")
-        dtype = compute_dtype(q)  # under autocast, rotated q and k are float32 and v is not: the fused kernels
+        dtype = matmul_dtype(q)  # under autocast, rotated q and k are float32 and v is not: the fused kernels
         q, k, v = (t.to(dtype) for t in (q, k, v))  # take one dtype (SDPA casts for itself)
     kernel = attention_kernel(layout, q)
     if kernel == "flash-varlen":
@@ -259,7 +254,7 @@ def _flatten(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _flash_varlen(q, k, v, segments: Segments) -> torch.Tensor:
     """Flash attention over the flattened tokens, segment by segment (CUDA, bf16/fp16)."""
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # only in torch builds that have it (checked above)
 
     b, hq, n, d = q.shape
     flat = _flatten(q, k, v)

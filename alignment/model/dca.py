@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .loss import compute_dtype
+from .loss import matmul_dtype
 from .rope import RotaryEmbedding, apply_rotary
 
 INTRA, SUCCESSIVE, INTER = 0, 1, 2  # branch index = which rotated query a key part uses
@@ -158,7 +158,7 @@ def dual_chunk_attention(
     """Causal DCA of the new queries over all keys so far, for left-padded or unpadded rows."""
     b, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    dtype = compute_dtype(q)  # under autocast rotated k is float32 and v is not
+    dtype = matmul_dtype(q)  # under autocast rotated k is float32 and v is not
     k, v = k.to(dtype), v.to(dtype)
     past, (cos, sin) = positions.past_len, positions.queries
     if len(positions.row_groups) == 1 and positions.row_groups[0][1] <= past:

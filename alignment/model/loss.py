@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 IGNORE_INDEX = -100
 CHUNK_ROWS = 256  # rows of logits per chunk (per matmul): 156 MB of float32 at 151,936 columns
@@ -59,16 +61,12 @@ def _gathered(weight: torch.Tensor):
     """A context in which a ZeRO-3 partitioned weight is whole (TRL's; a null context otherwise).
 
     TRL is imported only under ZeRO-3: the model runs without it (e.g. `benchmarks/gpu_check.py`)."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     if not is_deepspeed_zero3_enabled():
         return contextlib.nullcontext()
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
-
     return maybe_gather_lm_head_ctx(weight)
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on `t` runs in: autocast's where autocast is on for its device, else its own."""
     kind = t.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
@@ -146,7 +144,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale: float, need_h: bool, need_w: bool):
         # hidden: [N, H], weight: [V, H], targets: [N]
-        dtype = compute_dtype(hidden)
+        dtype = matmul_dtype(hidden)
         h_all, w = hidden.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -181,7 +179,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, with_stats: bool):
         # hidden: [N, H], weight: [V, H], targets: [N] -> logprobs [N] float32
         # (+ entropy, mean logit, log sum p^2, is_top1)
-        dtype = compute_dtype(hidden)
+        dtype = matmul_dtype(hidden)
         h_all, w = hidden.to(dtype), weight.to(dtype)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)

@@ -21,13 +21,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    MoeCausalLMOutputWithPast,
-    MoeModelOutputWithPast,
-    SequenceClassifierOutputWithPast,
-)
+from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast,
+                                           MoeModelOutputWithPast, SequenceClassifierOutputWithPast)
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 from transformers.utils import ModelOutput
 
@@ -235,8 +230,18 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **self._router_options(kwargs),
         )
-        return self._head(out, labels, shift_labels, num_items_in_batch, logits_to_keep, fused_lm_head)
+        result = self._head(out, labels, shift_labels, num_items_in_batch, logits_to_keep, fused_lm_head)
+        return self._with_router_outputs(result, out, attention_mask, fused_lm_head)
+
+    def _router_options(self, kwargs: dict) -> dict:
+        """Backbone arguments of an MoE model's router (none for a dense one)."""
+        return {}
+
+    def _with_router_outputs(self, result, out, attention_mask, fused_lm_head):
+        """An MoE model adds the load-balancing loss and router logits; a dense one returns `result`."""
+        return result
 
     def _head(
         self,
@@ -324,38 +329,16 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     config_class = Qwen2MoeConfig
     config: Qwen2MoeConfig
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool = False,
-        shift_labels: torch.LongTensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        fused_lm_head: bool = False,
-        output_router_logits: bool | None = None,
-        **kwargs,
+    def _router_options(self, kwargs: dict) -> dict:
+        chosen = kwargs.get("output_router_logits")
+        return {"output_router_logits": self.config.output_router_logits if chosen is None else chosen}
+
+    def _with_router_outputs(
+        self, result: Qwen2CausalLMOutput | FusedLMHeadOutput, out: MoeModelOutputWithPast,
+        attention_mask: torch.Tensor | None, fused_lm_head: bool,
     ) -> Qwen2MoeCausalLMOutput | FusedLMHeadOutput:
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
-        )
-        result = self._head(out, labels, shift_labels, num_items_in_batch, logits_to_keep, fused_lm_head)
         aux_loss = None
-        if output_router_logits and out.router_logits:
+        if out.router_logits:
             n = out.last_hidden_state.shape[1]
             # The mask's last n columns are this call's tokens (earlier ones are in the KV cache).
             token_mask = attention_mask[:, -n:] if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -368,6 +351,7 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             result.aux_loss = aux_loss
             return result
         return Qwen2MoeCausalLMOutput(**result, aux_loss=aux_loss, router_logits=out.router_logits)
+
 
 class Qwen2MoeForSequenceClassification(Qwen2ForSequenceClassification):
     """The reward model on an MoE backbone: stock `Qwen2MoeForSequenceClassification`'s layout.

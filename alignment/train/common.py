@@ -1,24 +1,25 @@
-"""The steps every trainer stage takes, in order: recipe -> data -> model -> trainer -> artifacts.
+"""What every trainer stage shares: the recipe's common keys and the steps of
+recipe -> data -> model -> trainer -> artifacts, on the run lifecycle of `alignment.stages.Run`.
 
-    run = start_training(recipe)                      # run dir, fingerprint; `run.done` if finished
-    data = load_training_data(recipe, kind, run)      # train / eval rows, quarantine, counts
-    model = load_trained_model(recipe)                # fp32 master weights (see below)
-    trainer = TRLTrainer(model=model, args=trl_config(recipe, Config), train_dataset=data.train_dataset(), ...)
-    metrics = train(trainer, recipe)                  # resumes from the last checkpoint
-    save_model(trainer, recipe, run)                  # LoRA merged, in the starting checkpoint's dtype
-    write_run_artifacts(trainer, recipe, run, data.counts, metrics)   # metrics, curves, manifest
+    class SFTStage(TrainerStage):                     # TrainerStage.run: Run.start, then
+        def train(self, run, data):                   #   data = load_training_data(recipe, kind, run)
+            trainer = TRLTrainer(model=load_trained_model(recipe), args=recipe.args, ...)
+            metrics = fit(trainer, recipe)            # resumes from the last checkpoint
+            save_model(trainer, recipe, run.run_dir)  # LoRA merged, in the starting checkpoint's dtype
+            return trainer, metrics                   #   write_run_artifacts: metrics, curves, manifest
+
+The recipe's `training:` section maps key for key onto the stage's TRL config class and is built
+into it once, when the recipe is (`recipe.args`), so TRL's own checks fail before a model loads.
 
 Precision: the recipe's `dtype` is the compute precision (`auto` measures on CPU, see
 `alignment.precision`). The trained weights and the optimizer state stay in float32 and bf16
-runs through autocast, as in transformers' Trainer: an AdamW step of ~7e-6 is below bf16's
-spacing near |w| = 0.02 (~1.2e-4), so weights trained in bf16 would mostly never move. Only
-under DeepSpeed, which keeps its own fp32 master copy, and with LoRA, whose frozen base needs
-none, is the model loaded in the compute dtype.
+runs through autocast, as in transformers' Trainer (an AdamW step of ~7e-6 is below bf16's
+spacing near |w| = 0.02). Only under DeepSpeed, which keeps its own fp32 master copy, and with
+LoRA, whose frozen base needs none, is the model loaded in the compute dtype.
 
 Sharded training (FSDP2, DeepSpeed ZeRO-3): the model is saved through `trainer.save_model`, which
-gathers the whole weights, and what is evaluated after training (DPO's held-out margins, the reward
-model's pair accuracy) is scored by whole models loaded afresh on each process's device, each
-process scoring its share of the rows (`score_in_shares`).
+gathers the whole weights, and what is evaluated after training is scored by whole models loaded
+afresh on each process's device, each process scoring its share of the rows (`score_in_shares`).
 """
 
 from __future__ import annotations
@@ -26,27 +27,103 @@ from __future__ import annotations
 import json
 import os
 import random
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
-from transformers import PreTrainedTokenizerBase, TokenizersBackend
+from accelerate.utils import gather_object, patch_environment
+from matplotlib.figure import Figure
+from peft import LoraConfig, PeftModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES, causal_lm_class
-from ..data import DataError, RowKind, as_sources, read_rows, to_jsonl, trl_dataset
+from ..data import DataError, DataInput, RowKind, as_sources, read_rows, to_jsonl, trl_dataset
 from ..model import Qwen2ForCausalLM
 from ..precision import resolve_dtype
-from ..stages import RunStart, StageError, begin_run, write_manifest
+from ..recipe_loader import check_keys
+from ..stages import Run, Stage, StageError
 from ..tokenizer import load_tokenizer
-from .recipes import TrainRecipe
 
 
-def start_training(recipe: TrainRecipe) -> RunStart:
-    return begin_run(recipe.stage, recipe, [n for n in ("train", "eval") if n == "train" or recipe.inputs.get(n)])
+@dataclass
+class LoraSpec:
+    """Optional LoRA adapters through peft; None trains all weights."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+# `training:` keys that TRL accepts but that have their one home elsewhere (or none in a file).
+REFUSED_TRAINING_KEYS = {
+    "output_dir": "the output directory is the recipe's run_dir",
+    "seed": "use the recipe's top-level seed",
+    "bf16": "the precision is the recipe's dtype (auto, float32, bfloat16, float16)",
+    "fp16": "the precision is the recipe's dtype (auto, float32, bfloat16, float16)",
+    "hub_token": "a token does not belong in a recipe (it would be saved with the run); set HF_TOKEN or run "
+                 "`hf auth login`",
+}
+
+
+@dataclass
+class TrainRecipe:
+    """Keys every trainer stage's recipe has. `training:` holds the TRL config's fields (every TRL option, such
+    as `push_to_hub`, under its TRL name); `args` is that config, built once from them."""
+
+    stage: str
+    run_dir: str
+    model: str  # checkpoint directory or Hub id to start from
+    inputs: dict[str, DataInput] = field(default_factory=dict)  # train (required), eval (optional)
+    seed: int = 0
+    eval_fraction: float = 0.0  # held out from train when no eval input is given
+    # Compute precision; weights and optimizer state stay float32 (see the module docstring).
+    # auto: bf16 on a GPU that has it; on CPU, whichever a matmul probe finds faster.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    training: dict[str, Any] = field(default_factory=dict)  # the TRL config's fields
+    lora: LoraSpec | None = None
+
+    trl_config_class: ClassVar[type]  # the TRL config `training:` maps onto
+
+    def __post_init__(self) -> None:
+        self.args = self.trl_arguments()
+
+    def compute_precision(self) -> str:
+        """The compute dtype's name on this machine (`auto` resolved)."""
+        return resolve_dtype(self.dtype)[0]
+
+    def trl_defaults(self) -> dict[str, Any]:
+        """TRL config values the stage sets unless `training:` does."""
+        return {}
+
+    def trl_arguments(self):
+        """`training:` checked key by key against the TRL config class, then the config built (its
+        `__post_init__` checks run), writing into the run dir with the recipe's seed and precision.
+        Without an accelerator, `use_cpu` is set so bf16 (autocast) is allowed on CPU."""
+        for key, reason in REFUSED_TRAINING_KEYS.items():
+            if key in self.training:
+                raise ValueError(f"training.{key}: {reason}")
+        self.training = check_keys(self.trl_config_class, self.training, "", prefix="training.")
+        dtype = self.compute_precision()
+        values = {"report_to": "none", **self.trl_defaults(), **self.training,
+                  "bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
+        if not (torch.cuda.is_available() or "use_cpu" in values):
+            values["use_cpu"] = True
+        try:
+            return self.trl_config_class(output_dir=str(self.run_dir), seed=self.seed, **values)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise ValueError(f"training: {str(e).strip().splitlines()[0]}") from None
 
 
 @dataclass
@@ -64,7 +141,7 @@ class TrainingData:
         return trl_dataset(self.eval, self.kind) if self.eval else None
 
 
-def load_training_data(recipe: TrainRecipe, kind: RowKind, run: RunStart) -> TrainingData:
+def load_training_data(recipe: TrainRecipe, kind: RowKind, run: Run) -> TrainingData:
     """Train and eval rows: `inputs.eval` if given, else a seeded `eval_fraction` of train.
 
     Bad rows go to run_dir/quarantine.jsonl; the counts go into the manifest."""
@@ -80,7 +157,10 @@ def load_training_data(recipe: TrainRecipe, kind: RowKind, run: RunStart) -> Tra
     else:
         order = list(range(len(train)))
         random.Random(recipe.seed).shuffle(order)
-        held = set(order[: int(round(len(train) * recipe.eval_fraction))])
+        held_out = int(round(len(train) * recipe.eval_fraction))
+        if recipe.eval_fraction > 0 and len(train) > 1:  # at least one row: the TRL config evaluates
+            held_out = max(held_out, 1)
+        held = set(order[:held_out])
         evaluation = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
     if not train:
@@ -108,32 +188,19 @@ def load_trainer_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def compute_dtype(recipe: TrainRecipe) -> str:
-    """The recipe's compute precision on this machine (`auto` resolved)."""
-    return resolve_dtype(recipe.dtype)[0]
-
-
-def trl_config(recipe: TrainRecipe, config_class: type, **overrides: Any):
-    """The recipe's `training:` section as TRL's config (its `__post_init__` checks run), writing
-    into the run dir with the recipe's seed and precision. Also called when a recipe is validated.
-
-    Without an accelerator, `use_cpu` is set so bf16 (autocast) is allowed on CPU."""
-    dtype = compute_dtype(recipe)
-    values = {"report_to": "none", **recipe.training, **overrides,
-              "bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
-    if not (torch.cuda.is_available() or "use_cpu" in values):
-        values["use_cpu"] = True
-    return config_class(output_dir=str(recipe.run_dir), seed=recipe.seed, **values)
-
-
 def peft_config(recipe: TrainRecipe):
     if recipe.lora is None:
         return None
-    from peft import LoraConfig
-
     lora = recipe.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                       task_type="SEQ_CLS" if recipe.stage == "rm" else "CAUSAL_LM")
+
+
+def trainer_arguments(recipe: TrainRecipe, data: TrainingData, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What each of our TRL trainers is given besides its model(s): the recipe's TRL config, the data as TRL
+    expects it, the tokenizer and the LoRA config."""
+    return {"args": recipe.args, "train_dataset": data.train_dataset(), "eval_dataset": data.eval_dataset(),
+            "processing_class": tokenizer, "peft_config": peft_config(recipe)}
 
 
 def weights_dtype(recipe: TrainRecipe) -> str:
@@ -142,23 +209,23 @@ def weights_dtype(recipe: TrainRecipe) -> str:
     keeps the adapters in float32). FSDP2 keeps the float32 weights as its sharded master copy
     (accelerate would upcast bf16 ones) and its MixedPrecisionPolicy casts them for compute."""
     deepspeed = bool(recipe.training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "") == "true"
-    return compute_dtype(recipe) if deepspeed or recipe.lora is not None else "float32"
+    return recipe.compute_precision() if deepspeed or recipe.lora is not None else "float32"
 
 
-def load_trained_model(recipe: TrainRecipe, model_class: type | None = None, **kwargs):
-    """The model to train, in `weights_dtype`.
+def load_trained_model(recipe: TrainRecipe, start: str, model_class: type | None = None, **kwargs):
+    """The model to train from checkpoint `start`, in `weights_dtype`.
 
     `model_class` defaults to our causal LM for the checkpoint's model_type (dense or MoE)."""
     why = resolve_dtype(recipe.dtype)[1]
     weights = weights_dtype(recipe)
     print(f"{recipe.stage}: compute {why}; weights and optimizer state in {weights}")
-    return (model_class or causal_lm_class(recipe.model)).from_pretrained(recipe.model, dtype=DTYPES[weights], **kwargs)
+    return (model_class or causal_lm_class(start)).from_pretrained(start, dtype=DTYPES[weights], **kwargs)
 
 
 def load_frozen_model(path: str, recipe: TrainRecipe, device: torch.device | str | None = None):
     """A model that is only evaluated (the DPO reference), in the compute dtype, without gradients,
     on `device` (default: CPU)."""
-    model = causal_lm_class(path).from_pretrained(path, dtype=DTYPES[compute_dtype(recipe)], device_map=device)
+    model = causal_lm_class(path).from_pretrained(path, dtype=DTYPES[recipe.compute_precision()], device_map=device)
     return model.eval().requires_grad_(False)
 
 
@@ -169,9 +236,6 @@ def whole_models(accelerator=None) -> Iterator[None]:
     get zeros, which accelerate's `prepare` overwrites from rank 0 but TRL's `prepare_fsdp` (the DPO
     reference) does not. With the trainer's `accelerator` under ZeRO-3, the model is not partitioned
     as it is built (which takes all processes in step) and the LM-head kernel gathers nothing."""
-    from accelerate.utils import patch_environment
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
     deepspeed = accelerator.state.deepspeed_plugin if accelerator is not None else None
     with patch_environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
         if deepspeed is not None:
@@ -188,8 +252,6 @@ def score_in_shares(accelerator, rows: list, score: Callable[[list], list]) -> l
     gets all the scores, in row order. `score` loads its model onto `accelerator.device`: the
     trainer's own models may be sharded, and one process scoring everything outlasts the
     collective timeout on a large model."""
-    from accelerate.utils import gather_object
-
     with whole_models(accelerator), accelerator.split_between_processes(rows) as share:
         return gather_object(score(share))
 
@@ -198,18 +260,14 @@ def use_native_lm_head(model) -> None:
     """Undo TRL's `add_fused_lm_head` on our model: TRL sets `forward` on the instance to run its
     own chunked LM head; our class's forward answers the same `fused_lm_head=True` call with our
     faster kernel (see `FusedLMHeadOutput`), so the instance attribute is removed."""
-    from peft import PeftModel
-
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if isinstance(base, Qwen2ForCausalLM) and "forward" in vars(base):
         del base.forward
 
 
-def train(trainer, recipe: TrainRecipe) -> dict[str, Any]:
+def fit(trainer, recipe: TrainRecipe) -> dict[str, Any]:
     """Train, resuming from `training.resume_from_checkpoint` if the recipe names one, else from the
     run dir's last checkpoint (a killed run goes on where it stopped). Returns the training metrics."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     run_dir = Path(recipe.run_dir)
     resume = trainer.args.resume_from_checkpoint or (get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -220,8 +278,6 @@ def train(trainer, recipe: TrainRecipe) -> dict[str, Any]:
 
 def saved_dtype(path: str) -> torch.dtype:
     """The dtype a checkpoint was saved in (its config's `dtype`), which the trained model keeps."""
-    from transformers import PretrainedConfig
-
     config = PretrainedConfig.get_config_dict(path)[0]
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(name, torch.float32)
@@ -230,9 +286,6 @@ def saved_dtype(path: str) -> torch.dtype:
 def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
     """Rewrite a saved model's floating-point weights in `dtype`, one tensor at a time, and its
     config's `dtype`; nothing to do if its config says it is in `dtype` already."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     if saved_dtype(str(path)) == dtype:
         return
     total_size = 0
@@ -256,45 +309,39 @@ def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
     atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_model(trainer, recipe: TrainRecipe, run: RunStart, model_class: type | None = None) -> None:
-    """The final model and tokenizer into the run dir: a full checkpoint in the starting checkpoint's dtype.
+def save_model(trainer, recipe: TrainRecipe, out_dir: Path, start: str, model_class: type | None = None) -> None:
+    """The final model and tokenizer into `out_dir`: a full checkpoint in the dtype of `start`, the checkpoint
+    training began from.
 
     Every process calls `trainer.save_model`, which gathers the whole weights (FSDP2's full state
     dict, ZeRO-3's 16-bit weights) and writes them, as the trainer holds them, from the main process.
     The main process then casts them to `saved_dtype`; with LoRA the trainer writes the adapter
-    (run_dir/adapter), which is merged into the starting weights (`model_class`, default our causal
+    (out_dir/adapter), which is merged into the starting weights (`model_class`, default our causal
     LM for the checkpoint) loaded in that dtype."""
-    from peft import PeftModel
-
-    adapter = run.run_dir / "adapter"
+    adapter = out_dir / "adapter"
     # No push to the Hub from here (TRL's `push_to_hub`): what the trainer writes is not final yet.
-    trainer.save_model(str(adapter if recipe.lora is not None else run.run_dir), _internal_call=True)
+    trainer.save_model(str(adapter if recipe.lora is not None else out_dir), _internal_call=True)
     if trainer.accelerator.is_main_process:
-        dtype = saved_dtype(recipe.model)
+        dtype = saved_dtype(start)
         if recipe.lora is None:
-            cast_checkpoint(run.run_dir, dtype)
+            cast_checkpoint(out_dir, dtype)
         else:
             config = trainer.accelerator.unwrap_model(trainer.model).get_base_model().config
             with whole_models(trainer.accelerator):
-                base = (model_class or causal_lm_class(recipe.model)).from_pretrained(
-                    recipe.model, config=config, dtype=dtype)
-            PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(run.run_dir)
-            trainer.processing_class.save_pretrained(run.run_dir)
+                base = (model_class or causal_lm_class(start)).from_pretrained(start, config=config, dtype=dtype)
+            PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(out_dir)
+            trainer.processing_class.save_pretrained(out_dir)
     trainer.accelerator.wait_for_everyone()
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> Path | None:
     """One panel per logged metric against the step: loss, learning rate, eval metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = sorted({k for h in history for k, v in h.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")
                    and not k.startswith(("train_", "total_flos"))})
     if not keys:
         return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+    fig = Figure(figsize=(7, 2.2 * len(keys)))
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         points = [(h["step"], h[key]) for h in history if key in h]
         ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
@@ -304,23 +351,44 @@ def plot_history(history: list[dict], path: Path, title: str) -> Path | None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
-def write_run_artifacts(trainer, recipe: TrainRecipe, run: RunStart, counts: dict, metrics: dict) -> dict:
+def write_run_artifacts(trainer, recipe: TrainRecipe, run: Run, start: str, counts: dict, metrics: dict) -> dict:
     """metrics.json, curves.png and, last, the manifest that marks the run done; returns the manifest."""
     run_dir = run.run_dir
     if trainer.accelerator.is_main_process:
         history = trainer.state.log_history
         atomic_write_text(run_dir / "metrics.json", json.dumps({"metrics": metrics, "log_history": history}, indent=2) + "\n")
         plot_history(history, run_dir / "curves.png", f"{recipe.stage}: {run_dir}")
-        write_manifest(run_dir, {
-            "stage": recipe.stage, "fingerprint": run.fingerprint, "run_dir": str(run_dir), "inputs": run.inputs,
-            "recipe": recipe, "seed": recipe.seed, "counts": counts, "metrics": metrics,
-            "precision": {"compute": compute_dtype(recipe), "weights": weights_dtype(recipe),
-                          "saved": str(saved_dtype(recipe.model)).removeprefix("torch.")},
-            "steps": trainer.state.global_step, "duration_s": round(run.elapsed(), 3),
-        })
+        run.finish(counts, metrics=metrics, steps=trainer.state.global_step,
+                   precision={"compute": recipe.compute_precision(), "weights": weights_dtype(recipe),
+                              "saved": str(saved_dtype(start)).removeprefix("torch.")})
     trainer.accelerator.wait_for_everyone()
     return json.loads((run_dir / "manifest.json").read_text())
+
+
+class TrainerStage(Stage):
+    """A trainer stage: `run` starts the run (or hands back a finished one), reads the data, has `train`
+    build the model and TRL's trainer, train and save, then writes the artifacts and the manifest."""
+
+    recipe_class: ClassVar[type[TrainRecipe]]
+    data_kind: ClassVar[RowKind]  # what a row of inputs.train is
+
+    def start_model(self, run: Run, data: TrainingData) -> str:
+        """The checkpoint training starts from."""
+        return self.recipe.model
+
+    def run(self) -> dict[str, Any]:
+        recipe = self.recipe
+        run = Run.start(self.name, recipe, [n for n in ("train", "eval") if n == "train" or recipe.inputs.get(n)])
+        if run.done:
+            return run.done
+        data = load_training_data(recipe, self.data_kind, run)
+        start = self.start_model(run, data)
+        trainer, metrics = self.train(run, data, start)
+        return write_run_artifacts(trainer, recipe, run, start, data.counts, metrics)
+
+    @abstractmethod
+    def train(self, run: Run, data: TrainingData, start: str) -> tuple[Any, dict[str, Any]]:
+        """Build the model and TRL's trainer, train, save the model into the run dir; the trainer and metrics."""

@@ -9,26 +9,22 @@ head, only for completion tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from .common import (
-    TrainingData,
-    load_frozen_model,
-    load_trained_model,
-    load_trainer_tokenizer,
-    load_training_data,
-    peft_config,
-    save_model,
-    score_in_shares,
-    start_training,
-    train,
-    trl_config,
-    use_native_lm_head,
-    whole_models,
-    write_run_artifacts,
-)
-from .recipes import DPORecipe
+from ..stages import Run
+from .common import (TrainRecipe, TrainerStage, TrainingData, fit, load_frozen_model, load_trained_model,
+                     load_trainer_tokenizer, save_model, score_in_shares, trainer_arguments, use_native_lm_head,
+                     whole_models)
+
+
+@dataclass
+class DPORecipe(TrainRecipe):
+    reference: str | None = None  # reference model; None = the starting model
+    trl_config_class: ClassVar[type] = DPOConfig
 
 
 class Qwen2DPOTrainer(DPOTrainer):
@@ -73,17 +69,13 @@ def pair_margins(model, tokenizer, pairs: list[dict]) -> list[float]:
     return [c - r for c, r in zip(chosen, rejected)]
 
 
-def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, reference) -> Qwen2DPOTrainer:
-    """The policy to train and TRL's DPO trainer around it; `reference` is the frozen reference model."""
+def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, start: str, reference) -> Qwen2DPOTrainer:
+    """The policy to train (from checkpoint `start`) and TRL's DPO trainer around it; `reference` is the frozen
+    reference model."""
     return Qwen2DPOTrainer(
-        model=load_trained_model(recipe),
+        model=load_trained_model(recipe, start),
         ref_model=None if recipe.lora is not None else reference,  # with LoRA the adapter-free model is the reference
-        args=trl_config(recipe, DPOConfig),
-        train_dataset=data.train_dataset(),
-        eval_dataset=data.eval_dataset(),
-        processing_class=load_trainer_tokenizer(recipe.model),
-        peft_config=peft_config(recipe),
-    )
+        **trainer_arguments(recipe, data, load_trainer_tokenizer(start)))
 
 
 def heldout_margins(recipe: DPORecipe, accelerator, tokenizer, pairs: list[dict]) -> dict:
@@ -103,17 +95,19 @@ def heldout_margins(recipe: DPORecipe, accelerator, tokenizer, pairs: list[dict]
     return {"heldout_margin_reference": before, "heldout_margin_policy": after}
 
 
-def run_dpo(recipe: DPORecipe) -> dict:
-    run = start_training(recipe)
-    if run.done:
-        return run.done
-    data = load_training_data(recipe, "preference", run)
-    reference = None  # with LoRA the adapter-free policy is the reference (see `build_dpo_trainer`)
-    if recipe.lora is None:
-        with whole_models():  # under FSDP2 TRL shards it as each process loaded it, broadcasting nothing
-            reference = load_frozen_model(recipe.reference or recipe.model, recipe)
-    trainer = build_dpo_trainer(recipe, data, reference)
-    metrics = train(trainer, recipe)
-    save_model(trainer, recipe, run)
-    metrics |= heldout_margins(recipe, trainer.accelerator, trainer.processing_class, data.eval)
-    return write_run_artifacts(trainer, recipe, run, data.counts, metrics)
+class DPOStage(TrainerStage):
+    name = "dpo"
+    recipe_class = DPORecipe
+    data_kind = "preference"
+
+    def train(self, run: Run, data: TrainingData, start: str) -> tuple[Qwen2DPOTrainer, dict[str, Any]]:
+        recipe = self.recipe
+        reference = None  # with LoRA the adapter-free policy is the reference (see `build_dpo_trainer`)
+        if recipe.lora is None:
+            with whole_models():  # under FSDP2 TRL shards it as each process loaded it, broadcasting nothing
+                reference = load_frozen_model(recipe.reference or start, recipe)
+        trainer = build_dpo_trainer(recipe, data, start, reference)
+        metrics = fit(trainer, recipe)
+        save_model(trainer, recipe, run.run_dir, start)
+        metrics |= heldout_margins(recipe, trainer.accelerator, trainer.processing_class, data.eval)
+        return trainer, metrics

@@ -28,34 +28,86 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from trl import DPOConfig
+
+from reward.verifiers import answer_is_correct
 
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES
 from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
-from ..generation import Completion, make_generator
+from ..generation import Completion, GenerationSpec, make_generator
 from ..optim import MERGING_OPTIMIZERS
-from ..stages import RunStart, StageError, begin_run, write_manifest
-from .common import (
-    compute_dtype,
-    load_frozen_model,
-    load_trained_model,
-    load_trainer_tokenizer,
-    plot_history,
-    save_model,
-    train,
-    trl_config,
-)
-from .dpo import Qwen2DPOTrainer, completion_logprobs
-from .recipes import MergingSpec, OnlineDPORecipe
+from ..reward_model import RewardModel
+from ..stages import Run, Stage, StageError
+from .common import fit, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history, save_model
+from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
 
 EVAL_SEED = 10_007  # held-out samples are drawn with seed + this, apart from the episodes' samples
+
+
+@dataclass
+class MergingSpec:
+    """The online merging optimizer (Lu et al. 2024, alignment.optim) that limits the alignment tax:
+    tau = reference (the SFT model) - base_model is mixed into every update."""
+
+    method: Literal["ondare", "onties", "none"] = "ondare"  # none: TRL's AdamW
+    base_model: str | None = None  # theta_b; the pre-trained model before SFT
+    reserve_rate: float = 0.01  # p: the share of entries F_p keeps
+    alpha: float = 1e-6  # tau's weight in each merged update
+    rescale: bool = False  # kept entries times 1/p (the public code) or not (the paper)
+    tau_mask: Literal["step", "fixed"] = "step"  # OnDARE: draw tau's mask every step (paper) or once (sparse)
+    merge_every: int = 1  # merge on every k-th step, plain AdamW on the others
+
+    def __post_init__(self) -> None:
+        if self.method != "none" and not self.base_model:
+            raise ValueError(f"base_model: required with method {self.method!r} (tau = reference - base_model)")
+        if not 0 < self.reserve_rate <= 1:
+            raise ValueError(f"reserve_rate: must be in (0, 1], got {self.reserve_rate}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.merge_every < 1:
+            raise ValueError(f"merge_every: must be >= 1, got {self.merge_every}")
+
+
+@dataclass
+class OnlineDPORecipe(DPORecipe):
+    """inputs.prompts -> episodes of: samples from the policy, best vs worst by the reward, DPO on the pairs
+    (alignment.train.online_dpo). `reference` (default: `model`) is DPO's reference and tau's SFT end.
+
+    The reward is the reward model's score, or with `verifier: math` whether the response's final answer equals
+    the prompt row's `meta.answer` (1 or 0); with both, correctness decides and the reward model orders the
+    responses within each verdict (reward = verdict + sigmoid(score) / 2)."""
+
+    reward_model: str = ""  # a reward-model run dir that scores samples
+    verifier: Literal["none", "math"] = "none"  # math: the final answer checked against meta.answer
+    prompts_per_episode: int = 64
+    samples_per_prompt: int = 4
+    episodes: int = 1
+    min_reward_margin: float = 0.0  # pairs whose best - worst reward is not above it are dropped
+    reference_policy: Literal["initial", "previous"] = "initial"  # DPO's reference: `reference`, or last episode's
+    eval_prompts: int = 16  # held out from inputs.prompts: reward, win rate and KL after every episode
+    generation: GenerationSpec = field(default_factory=GenerationSpec)  # how the policy samples (model: unused)
+    merging: MergingSpec = field(default_factory=MergingSpec)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.reward_model and self.verifier == "none":
+            raise ValueError("reward_model: required without a verifier (a reward-model run dir, e.g. runs/tiny/rm)")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt: must be >= 2 (best and worst of them), got {self.samples_per_prompt}")
+        for name in ("prompts_per_episode", "episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_prompts < 0:
+            raise ValueError(f"eval_prompts: must be >= 0, got {self.eval_prompts}")
+        if self.generation.backend == "openai":
+            raise ValueError("generation.backend: online DPO samples from the policy it trains: transformers or vllm")
+        if self.lora is not None and self.merging.method != "none":
+            raise ValueError("merging.method: the merging optimizers merge whole weights; with lora use none")
 
 
 class MergingDPOTrainer(Qwen2DPOTrainer):
@@ -139,8 +191,7 @@ class PolicySampler:
 class OnlineDPO:
     """One run: episodes of sample -> score -> pair -> DPO, each finished episode kept on disk."""
 
-    def __init__(self, recipe: OnlineDPORecipe, run: RunStart, scorer_class: type,
-                 answer_check: Callable[[str, str], bool]):
+    def __init__(self, recipe: OnlineDPORecipe, run: Run):
         self.recipe, self.run, self.run_dir = recipe, run, run.run_dir
         self.reference = recipe.reference or recipe.model  # the SFT model: DPO's reference and tau's end
         try:
@@ -162,9 +213,8 @@ class OnlineDPO:
         self.counts = {"prompts_in": read.read, "quarantined": len(quarantined),
                        "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows)}
         self.tokenizer = load_trainer_tokenizer(recipe.model)
-        dtype = DTYPES[compute_dtype(recipe)]
-        self.scorer = scorer_class(recipe.reward_model, dtype=dtype) if recipe.reward_model else None
-        self.answer_check = answer_check
+        dtype = DTYPES[recipe.compute_precision()]
+        self.scorer = RewardModel(recipe.reward_model, dtype=dtype) if recipe.reward_model else None
 
     def episode_dir(self, episode: int) -> Path:
         return self.run_dir / f"episode-{episode:03d}"
@@ -181,7 +231,7 @@ class OnlineDPO:
         scores = self.scorer([r["messages"] + _reply(t) for r, t in zip(rows, texts)]) if self.scorer else None
         if self.recipe.verifier == "none":
             return scores
-        verdicts = [float(self.answer_check(str(r["meta"]["answer"]), t)) for r, t in zip(rows, texts)]
+        verdicts = [float(answer_is_correct(str(r["meta"]["answer"]), t)) for r, t in zip(rows, texts)]
         if scores is None:
             return verdicts
         return [v + 0.5 / (1.0 + math.exp(-s)) for v, s in zip(verdicts, scores)]
@@ -271,11 +321,11 @@ class OnlineDPO:
         step = replace(recipe, model=self.policy_after(episode - 1), reference=reference,
                        run_dir=str(directory / "trainer"))
         trainer = MergingDPOTrainer(
-            model=load_trained_model(step), ref_model=load_frozen_model(reference, step),
-            args=trl_config(step, DPOConfig), train_dataset=trl_dataset(pairs, "preference"),
+            model=load_trained_model(step, step.model), ref_model=load_frozen_model(reference, step),
+            args=step.args, train_dataset=trl_dataset(pairs, "preference"),
             processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
-        metrics = train(trainer, step)
-        save_model(trainer, step, replace(self.run, run_dir=directory / "model"))
+        metrics = fit(trainer, step)
+        save_model(trainer, step, directory / "model", step.model)
         shutil.rmtree(directory / "trainer", ignore_errors=True)  # checkpoints of a finished episode
         texts = [self.tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
                  for p in pairs for side in ("chosen", "rejected")]
@@ -337,25 +387,25 @@ class OnlineDPO:
                                                                       indent=2) + "\n")
         plot_history([{**h, "step": h["episode"]} for h in history], self.run_dir / "curves.png",
                      f"online-dpo: {self.run_dir} (x: episode)")
-        write_manifest(self.run_dir, {
-            "stage": "online-dpo", "fingerprint": self.run.fingerprint, "run_dir": str(self.run_dir),
-            "inputs": self.run.inputs, "recipe": self.recipe, "seed": self.recipe.seed, "counts": self.counts,
-            "metrics": metrics, "precision": {"compute": compute_dtype(self.recipe), "weights": "float32"},
-            "duration_s": round(self.run.elapsed(), 3)})
-        return json.loads((self.run_dir / "manifest.json").read_text())
+        return self.run.finish(self.counts, metrics=metrics,
+                               precision={"compute": self.recipe.compute_precision(), "weights": "float32"})
 
 
 SHOWN = ("sample_reward_mean", "sample_accuracy", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "eval_accuracy",
          "win_rate_vs_reference", "kl_to_reference")
 
 
-def run_online_dpo(recipe: OnlineDPORecipe, scorer_class: type, answer_check: Callable[[str, str], bool]) -> dict:
-    """`scorer_class(path, dtype=)` scores conversations and `answer_check(reference, response)` is the verifier
-    (the CLI passes `reward.model.RewardModel` and `reward.verifiers.answer_is_correct`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise StageError("online-dpo: runs in one process for now (sampling and scoring are not sharded)")
-    run = begin_run("online-dpo", recipe, ["prompts"])
-    if run.done:
-        return run.done
-    online = OnlineDPO(recipe, run, scorer_class, answer_check)
-    return online.finish(online.run_episodes())
+class OnlineDPOStage(Stage):
+    """Online DPO on the shared run lifecycle; episodes, not one trainer, so it runs its own loop."""
+
+    name = "online-dpo"
+    recipe_class = OnlineDPORecipe
+
+    def run(self) -> dict[str, Any]:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise StageError("online-dpo: runs in one process for now (sampling and scoring are not sharded)")
+        run = Run.start(self.name, self.recipe, ["prompts"])
+        if run.done:
+            return run.done
+        online = OnlineDPO(self.recipe, run)
+        return online.finish(online.run_episodes())

@@ -9,23 +9,23 @@ restart at every sample, and our attention keeps each sample to itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .common import (
-    TrainingData,
-    load_trained_model,
-    load_trainer_tokenizer,
-    load_training_data,
-    peft_config,
-    save_model,
-    start_training,
-    train,
-    trl_config,
-    use_native_lm_head,
-    write_run_artifacts,
-)
-from .recipes import SFTRecipe
+from ..stages import Run
+from .common import (TrainRecipe, TrainerStage, TrainingData, fit, load_trained_model, load_trainer_tokenizer,
+                     save_model, trainer_arguments, use_native_lm_head)
+
+
+@dataclass
+class SFTRecipe(TrainRecipe):
+    trl_config_class: ClassVar[type] = SFTConfig
+
+    def trl_defaults(self) -> dict[str, Any]:
+        return {"eval_strategy": "epoch" if self.inputs.get("eval") or self.eval_fraction > 0 else "no"}
 
 
 class Qwen2SFTTrainer(SFTTrainer):
@@ -72,28 +72,22 @@ class Qwen2SFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_sft_trainer(recipe: SFTRecipe, data: TrainingData) -> Qwen2SFTTrainer:
-    """The model to train and TRL's SFT trainer around it, as the recipe says."""
-    eval_strategy = recipe.training.get("eval_strategy", "epoch" if data.eval else "no")
-    return Qwen2SFTTrainer(
-        model=load_trained_model(recipe),
-        args=trl_config(recipe, SFTConfig, eval_strategy=eval_strategy),
-        train_dataset=data.train_dataset(),
-        eval_dataset=data.eval_dataset(),
-        processing_class=load_trainer_tokenizer(recipe.model),
-        peft_config=peft_config(recipe),
-    )
+def build_sft_trainer(recipe: SFTRecipe, data: TrainingData, start: str) -> Qwen2SFTTrainer:
+    """The model to train (from checkpoint `start`) and TRL's SFT trainer around it, as the recipe says."""
+    return Qwen2SFTTrainer(model=load_trained_model(recipe, start),
+                           **trainer_arguments(recipe, data, load_trainer_tokenizer(start)))
 
 
-def run_sft(recipe: SFTRecipe) -> dict:
-    run = start_training(recipe)
-    if run.done:
-        return run.done
-    data = load_training_data(recipe, "demonstration", run)
-    trainer = build_sft_trainer(recipe, data)
-    metrics = train(trainer, recipe)
-    metrics["train_tokens_per_s"] = trainer._total_train_tokens / max(metrics["train_runtime_s"], 1e-9)
-    if data.eval:
-        metrics |= {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
-    save_model(trainer, recipe, run)
-    return write_run_artifacts(trainer, recipe, run, data.counts, metrics)
+class SFTStage(TrainerStage):
+    name = "sft"
+    recipe_class = SFTRecipe
+    data_kind = "demonstration"
+
+    def train(self, run: Run, data: TrainingData, start: str) -> tuple[Qwen2SFTTrainer, dict[str, Any]]:
+        trainer = build_sft_trainer(self.recipe, data, start)
+        metrics = fit(trainer, self.recipe)
+        metrics["train_tokens_per_s"] = trainer._total_train_tokens / max(metrics["train_runtime_s"], 1e-9)
+        if data.eval:
+            metrics |= {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
+        save_model(trainer, self.recipe, run.run_dir, start)
+        return trainer, metrics

@@ -15,7 +15,7 @@ import accelerate.state
 from accelerate.utils import DistributedType
 from torch.distributed.fsdp import FSDPModule
 
-from alignment.cli import main
+from qwen2_align.cli import main
 
 FSDP2_MARK = "fsdp2_on_cpu: FSDP2 units:"
 _accelerator_state_init = accelerate.state.AcceleratorState.__init__

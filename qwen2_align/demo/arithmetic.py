@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from alignment.data import write_rows
+from alignment.generation import GenerationSpec, make_generator
 
 ANSWER = re.compile(r"^\s*(\d+) \+ (\d+) = (\d+)\.\s*$")
 
@@ -81,8 +82,6 @@ def write_arithmetic_sets(out: str | Path, n_demonstrations: int, n_preferences:
 
 def answer_quality(model_dir: str | Path, n: int = 20, seed: int = 1) -> dict:
     """Greedy replies of a chat model to n fresh questions: how many keep the answer format, how many are right."""
-    from alignment.generation import GenerationSpec, make_generator
-
     rng = random.Random(seed)
     pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n)]
     spec = GenerationSpec(model=str(model_dir), temperature=0.0, max_new_tokens=16)

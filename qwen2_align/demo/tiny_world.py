@@ -32,13 +32,13 @@ from pathlib import Path
 
 from alignment.data import write_rows
 from alignment.tokenizer import qwen2_tokenizer
+from data_synthesis.annotate import judge_prompt
+from data_synthesis.constitution import DEFAULT_CONSTITUTION, FOLLOW_SYSTEM, VIOLATE_SYSTEM, load_constitution
+from data_synthesis.evolve import depth_prompt
+from data_synthesis.instag import TAG_PROMPT
+from data_synthesis.repurpose import DETAIL_TEMPLATES, OPENING_TEMPLATE
 
-from .annotate import judge_prompt
 from .arithmetic import question
-from .constitution import FOLLOW_SYSTEM, VIOLATE_SYSTEM
-from .evolve import depth_prompt
-from .instag import TAG_PROMPT
-from .repurpose import DETAIL_TEMPLATES, OPENING_TEMPLATE
 
 SUM_SENTENCES = ("{a} plus {b} is {s}.", "The sum of {a} and {b} is {s}.", "Adding {a} and {b} gives {s}.",
                  "{a} and {b} make {s}.", "If you add {b} to {a}, you get {s}.")
@@ -183,8 +183,6 @@ def profile_text(name: str, who: str) -> str:
 
 @functools.cache
 def _principles() -> dict:
-    from .constitution import DEFAULT_CONSTITUTION, load_constitution
-
     return {p.id: p for p in load_constitution(DEFAULT_CONSTITUTION)}
 
 

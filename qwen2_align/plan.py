@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoConfig
 
-from .model.loss import CHUNK_ROWS
-from .stages import StageError
+from alignment.model import PRESETS, Qwen2Config, preset_config
+from alignment.model.loss import CHUNK_ROWS
+from alignment.stages import StageError
 
 GiB = 1024**3
 
@@ -30,11 +32,7 @@ def model_config(name_or_path: str, recipe_dir: Path | None = None) -> Any:
 
     A run directory that does not exist yet is traced through the recipe (in `recipe_dir`)
     whose `run_dir` it is, to the model that run starts from."""
-    from .model import PRESETS, Qwen2Config, preset_config
-
     if Path(name_or_path, "config.json").exists():
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(name_or_path)
     if recipe_dir is not None:
         for path in sorted(recipe_dir.glob("*.yaml")):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from ..checkpoint import load_causal_lm
+from ..tokenizer import load_tokenizer
 from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
 
 
@@ -24,12 +26,9 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 class TransformersGenerator(Generator):
     def __init__(self, spec: GenerationSpec, model=None, tokenizer=None):
-        from ..checkpoint import load_causal_lm
-        from ..tokenizer import load_tokenizer
-
         self.spec = spec
         if model is None:
-            model = load_causal_lm(spec.model, spec.compute_dtype(), spec.long_context()).eval()
+            model = load_causal_lm(spec.model, spec.load_dtype(), spec.long_context()).eval()
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})

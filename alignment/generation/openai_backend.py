@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
+
 from .base import Completion, GenerationError, GenerationSpec, Generator, Prompt, SamplingParams
 
 
 class OpenAIGenerator(Generator):
     def __init__(self, spec: GenerationSpec):
-        import openai
-
         self.spec = spec
         self.client = openai.OpenAI(
             base_url=spec.base_url,
@@ -27,8 +27,6 @@ class OpenAIGenerator(Generator):
         self.pool = ThreadPoolExecutor(max_workers=spec.concurrency)
 
     def _request(self, prompt: Prompt, p: SamplingParams) -> list[Completion]:
-        import openai
-
         extra = {}
         if p.top_k > 0:
             extra["top_k"] = p.top_k

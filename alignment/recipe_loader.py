@@ -24,7 +24,6 @@ from typing import Any
 
 import yaml
 
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -45,7 +44,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _fail(where: str, key: str, message: str) -> RecipeError:
-    return RecipeError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+    """`where: key: message`, leaving out an empty where or key (a dataclass's own check knows no file)."""
+    return RecipeError(": ".join(part for part in (where, key, message) if part))
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -181,19 +181,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike, what: str = "recipe") -> dict:
+    """A YAML file's mapping (an empty file is an empty one); any problem raises RecipeError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError(f"{path}: {what} file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
         raise RecipeError(f"{path}: {line}invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values")
+        raise RecipeError(f"{path}: a {what} file must be a mapping of keys to values")
     return data
+
+
+def load_file(cls: type, path: str | os.PathLike, what: str) -> Any:
+    """A YAML file that a recipe names (a constitution, ontology refinements) as dataclass `cls`, checked the way
+    recipes are: every problem is one line naming the file and the key."""
+    return build(cls, read_yaml(path, what), str(path))
 
 
 def to_plain(obj: Any) -> Any:

@@ -1,14 +1,12 @@
-"""The reward model as a scorer: conversations in, one scalar reward each out.
-
-Online DPO and the judge ranking call this; they get a plain callable, so the trainers never
-import this package (the CLI wires them together)."""
+"""The reward model as a scorer: conversations in, one scalar reward each out (the `rm` stage's held-out
+accuracy, online DPO's reward, the annotate judge and eval all score through it)."""
 
 from __future__ import annotations
 
 import torch
 
-from alignment.checkpoint import reward_model_class
-from alignment.tokenizer import load_tokenizer
+from .checkpoint import reward_model_class
+from .tokenizer import load_tokenizer
 
 
 class RewardModel:

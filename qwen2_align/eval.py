@@ -6,12 +6,12 @@ Every model of `models` (a checkpoint directory with its tokenizer, or a Hub id)
 - arithmetic: the user turn is exactly `What is {a} + {b}?` (a contract kept stable for anyone scoring a demo
   model, checked on every row) and a reply is correct when the LAST number it contains equals `meta.answer`
   (else a + b) as mathematics (`reward.verifiers.math_equal`: "7", "7.0" and "7.00" all count);
-- code: pass@1. The reply's code (`execution.extract_code`) runs with the row's `meta.tests` in the sandbox
+- code: pass@1. The reply's code (`reward.code.extract_code`) runs with the row's `meta.tests` in the sandbox
   (`reward.sandbox`, never in this process), exactly as the `execution` stage runs solutions;
 - constraints: the row's `meta.constraints` (seed kinds of `reward.constraints`) are appended to the user
   turn as `execution` does, and their trusted checkers judge the reply in the sandbox. The rate is the share
   of replies that follow every constraint; `constraint_rate/<kind>` the share that follow that kind;
-- reward: the mean score of every reply above under the reward model (`reward.model.RewardModel`);
+- reward: the mean score of every reply above under the reward model (`alignment.reward_model.RewardModel`);
 - perplexity on base text (`{id, text}` rows), the alignment tax: exp(sum of token NLL / predicted tokens),
   each text's tokens truncated to `perplexity.max_length`, its first token not predicted (Qwen2 has no BOS).
   Log-probabilities come from our chunked LM head in float32 and are summed in float64; padded batches give
@@ -28,7 +28,7 @@ A finished (model, task) is written atomically to `results/<model>/<task>.json` 
 (`samples/<model>/<task>.jsonl`: prompt, reply and verdict per row), so a killed run resumes without redoing
 finished ones; `metrics.json`, `metrics.png` and, last, `manifest.json` end the run, and a rerun of a
 finished run is a no-op. The fingerprint includes each local model's weights file, so a retrained model is
-a different run. Like `pipeline.py`, this module wires `alignment` to `reward` and `data_synthesis`.
+a different run.
 """
 
 from __future__ import annotations
@@ -38,19 +38,27 @@ import json
 import math
 import random
 import re
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any, Literal
 
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
-from .data import DataError, DataInput, load_jsonl, read_rows, to_jsonl
-from .generation import GenerationSpec, make_generator
-from .stages import StageError, begin_run, write_manifest
+from alignment.atomic import atomic_write_text
+from alignment.checkpoint import causal_lm_class, load_causal_lm
+from alignment.data import DataError, DataInput, load_jsonl, read_rows, to_jsonl
+from alignment.generation import GenerationSpec, TransformersGenerator, make_generator
+from alignment.model.dca import trained_length_of
+from alignment.reward_model import RewardModel
+from alignment.stages import Run, Stage, StageError
+from alignment.tokenizer import load_tokenizer
+from reward.code import run_solutions, task_tests
+from reward.constraints import ConstraintError, constrained_prompt, constraints_from_specs, run_checkers
+from reward.sandbox import sandbox_unavailable_reason
+from reward.verifiers import math_equal
 
 # Task input name -> row kind; the first three are answered by the models, base_text is read.
 TASKS = {"arithmetic": "prompt", "code": "prompt", "constraints": "prompt", "base_text": "text"}
@@ -214,8 +222,6 @@ def _row_error(task: str, source: Any, row: dict, message: str) -> StageError:
 
 def read_task(name: str, data: DataInput) -> Task:
     """Read and check one task file; a malformed row is an error (a held-out set does not shrink silently)."""
-    from data_synthesis.execution import constrained_prompt, task_tests
-    from reward.constraints import ConstraintError, constraints_from_specs
 
     try:
         read = read_rows(data, TASKS[name])
@@ -270,7 +276,6 @@ def last_number(reply: str) -> str | None:
 
 def arithmetic_correct(reply: str, answer: str) -> bool:
     """The arithmetic contract: the last number of the reply equals the answer as mathematics."""
-    from reward.verifiers import math_equal
 
     number = last_number(reply)
     return number is not None and math_equal(answer, number)
@@ -286,14 +291,9 @@ def score_arithmetic(task: Task, replies: list[str], sandbox: SandboxSpec) -> tu
 
 def score_code(task: Task, replies: list[str], sandbox: SandboxSpec) -> tuple[dict, dict, list[dict]]:
     """pass@1: each reply's code with its row's tests in the sandbox; passed when every test ran."""
-    from data_synthesis.execution import extract_code, solution_passed, solution_program
-    from reward.sandbox import run_many
 
-    marker = f"all tests ran {uuid.uuid4().hex}"  # unguessable, so printing it is not passing
-    batch = run_many([solution_program(extract_code(reply), tests, marker) for reply, tests in
-                      zip(replies, task.references)], workers=sandbox.workers, timeout_s=sandbox.timeout_s,
-                     memory_mb=sandbox.memory_mb)
-    verdicts = [solution_passed(result, marker) for result in batch.results]
+    verdicts, batch = run_solutions(list(zip(replies, task.references)), workers=sandbox.workers,
+                                    timeout_s=sandbox.timeout_s, memory_mb=sandbox.memory_mb)
     samples = [{"id": row["id"], "prompt": prompt, "reply": reply, "verdict": ok, "status": result.status}
                for row, prompt, reply, ok, result in zip(task.rows, task.prompts, replies, verdicts, batch.results)]
     statuses: dict[str, int] = {}
@@ -305,7 +305,6 @@ def score_code(task: Task, replies: list[str], sandbox: SandboxSpec) -> tuple[di
 
 def score_constraints(task: Task, replies: list[str], sandbox: SandboxSpec) -> tuple[dict, dict, list[dict]]:
     """Each reply against its constraints' trusted checkers, one sandbox job per reply."""
-    from reward.constraints import run_checkers
 
     jobs = [([c.checker for c in constraints], [reply]) for constraints, reply in zip(task.references, replies)]
     verdicts, _ = run_checkers(jobs, workers=sandbox.workers, checker_timeout_s=sandbox.timeout_s,
@@ -448,9 +447,6 @@ def _generate(recipe: EvalRecipe, model: EvalModel, tasks: dict[str, Task], stor
 
 
 def _perplexity(recipe: EvalRecipe, model: EvalModel, task: Task, store: ResultStore) -> None:
-    from .checkpoint import load_causal_lm
-    from .tokenizer import load_tokenizer
-
     spec = recipe.perplexity
     lm = load_causal_lm(model.path, spec.dtype).to(_device()).eval()
     with tqdm(total=len(task.rows), desc=f"eval {model.name}: perplexity", unit="text") as bar:
@@ -463,11 +459,6 @@ def _perplexity(recipe: EvalRecipe, model: EvalModel, task: Task, store: ResultS
 
 
 def _passkey(recipe: EvalRecipe, model: EvalModel, store: ResultStore) -> None:
-    from .checkpoint import causal_lm_class, load_causal_lm
-    from .generation.hf import TransformersGenerator
-    from .model.dca import trained_length_of
-    from .tokenizer import load_tokenizer
-
     spec = recipe.passkey
     try:
         trained = trained_length_of(causal_lm_class(model.path).config_class.from_pretrained(model.path),
@@ -500,7 +491,7 @@ def _passkey(recipe: EvalRecipe, model: EvalModel, store: ResultStore) -> None:
 
 def _lm_eval(recipe: EvalRecipe, model: EvalModel, store: ResultStore) -> None:
     """lm-evaluation-harness on the model; every numeric result as `lm_eval/<task>/<metric>`. Not yet run."""
-    import lm_eval
+    import lm_eval  # optional: not a dependency (checked at the run's start)
 
     spec = recipe.lm_eval
     backend = "vllm" if recipe.generation.backend == "vllm" else "hf"
@@ -515,8 +506,6 @@ def _lm_eval(recipe: EvalRecipe, model: EvalModel, store: ResultStore) -> None:
 
 def _reward(recipe: EvalRecipe, tasks: dict[str, Task], store: ResultStore) -> None:
     """One reward model scores every model's replies, read back from their samples (so a resume works too)."""
-    from reward.model import RewardModel
-
     todo = [m for m in recipe.models if not store.done(m.name, "reward")]
     if not todo:
         return
@@ -534,17 +523,13 @@ def _reward(recipe: EvalRecipe, tasks: dict[str, Task], store: ResultStore) -> N
 
 def plot_metrics(metrics: dict[str, dict[str, float]], path: Path) -> None:
     """One bar chart per metric, a bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(dict.fromkeys(k for values in metrics.values() for k in values if k != "counts"))
     if not names:
         return
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(3.4 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     models = list(metrics)
     for ax, name in zip(axes.flat, names):
         values = [metrics[m].get(name, float("nan")) for m in models]
@@ -556,20 +541,27 @@ def plot_metrics(metrics: dict[str, dict[str, float]], path: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+class EvalStage(Stage):
+    """`eval` on the shared run lifecycle: every (model, task) result kept as it finishes."""
+
+    name = "eval"
+    recipe_class = EvalRecipe
+
+    def run(self) -> dict[str, Any]:
+        return run_eval(self.recipe)
 
 
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Run, resume or skip an evaluation; returns the manifest."""
-    from reward.sandbox import sandbox_unavailable_reason
-
     files = _check_models(recipe)
     if any(t in recipe.inputs for t in ("code", "constraints")) and (problem := sandbox_unavailable_reason()):
         raise StageError(f"eval: the code sandbox cannot run here ({problem}); install bubblewrap "
                          "(apt-get install bubblewrap)")
     if recipe.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
         raise StageError("eval: lm_eval: lm-eval is not installed (pip install lm-eval), or set lm_eval: null")
-    start = begin_run("eval", recipe, list(recipe.inputs), files)
+    start = Run.start("eval", recipe, list(recipe.inputs), files)
     if start.done:
         return start.done
     store = ResultStore(start.run_dir)
@@ -601,17 +593,15 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     run_dir = start.run_dir
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_metrics(metrics, run_dir / "metrics.png")
-    write_manifest(run_dir, {
-        "stage": "eval", "fingerprint": start.fingerprint, "run_dir": str(run_dir), "inputs": start.inputs,
-        "recipe": recipe, "seed": recipe.seed, "models": {m.name: m.path for m in recipe.models},
-        "counts": {t: len(task.rows) for t, task in tasks.items()},
-        "metrics": {name: {k: v for k, v in values.items() if k != "counts"} for name, values in metrics.items()},
-        "resumed": [f"{m}/{t}" for m, t in resumed], "duration_s": round(start.elapsed(), 3),
-    })
+    manifest = start.finish({t: len(task.rows) for t, task in tasks.items()},
+                            models={m.name: m.path for m in recipe.models},
+                            metrics={name: {k: v for k, v in values.items() if k != "counts"}
+                                     for name, values in metrics.items()},
+                            resumed=[f"{m}/{t}" for m, t in resumed])
     print(summary_table(metrics))
     print(f"eval: metrics in {run_dir / 'metrics.json'}, plot {run_dir / 'metrics.png'}, "
           f"replies in {run_dir / 'samples'}")
-    return json.loads((run_dir / "manifest.json").read_text())
+    return manifest
 
 
 def summary_table(metrics: dict[str, dict[str, Any]]) -> str:

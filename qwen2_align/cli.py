@@ -1,9 +1,8 @@
 """`qwen2-align <command>`: the one entry point the Makefile calls.
 
 Pipeline stages take `--recipe FILE [--set key=value ...]`; the recipe is validated before
-anything runs. Stages whose work has not landed yet still validate their recipe, then say so
-and exit with status 2, so scripts never mistake them for success. Errors a user can fix
-(recipes, data, unreachable servers) print one line, no traceback, and exit with status 2.
+anything runs. Errors a user can fix (recipes, data, unreachable servers) print one line, no
+traceback, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -13,12 +12,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import pipeline
+from alignment.checkpoint import init_checkpoint
+from alignment.data import DataError
+from alignment.generation import GenerationError, GenerationSpec, make_generator
+from alignment.model import PRESETS
+from alignment.recipe_loader import RecipeError
+from alignment.stages import StageError
+from alignment.upcycle import upcycle
+from data_synthesis.annotate_app import Annotate
+
+from . import stage_table
+from .demo import run_demo
+from .demo.tiny_world import TinyWorld, write_world
+from .eval import models_override
+from .hub import HubError, push, push_data
+from .plan import render_plan
 
 
 def _add_init(p: argparse.ArgumentParser) -> None:
-    from .model import PRESETS
-
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
@@ -27,8 +38,6 @@ def _add_init(p: argparse.ArgumentParser) -> None:
 
 
 def _run_init(a: argparse.Namespace) -> int:
-    from .checkpoint import init_checkpoint
-
     overrides = {} if a.initializer_range is None else {"initializer_range": a.initializer_range}
     path = init_checkpoint(a.preset, a.out, seed=a.seed, dtype=a.dtype, **overrides)
     print(f"wrote {a.preset} checkpoint to {path}")
@@ -51,8 +60,6 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _run_chat(a: argparse.Namespace) -> int:
-    from .generation import GenerationSpec, make_generator
-
     spec = GenerationSpec(backend=a.backend, model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           dca_chunk_size=a.dca_chunk_size, dca_local_size=a.dca_local_size, yarn_factor=a.yarn_factor,
                           trained_length=a.trained_length)
@@ -74,7 +81,7 @@ def _add_check(p: argparse.ArgumentParser) -> None:
 
 def _run_check(a: argparse.Namespace) -> int:
     target = Path(a.recipes)
-    stages = [pipeline.load_recipe(target).stage] if target.is_file() else pipeline.check_recipe_dir(target)
+    stages = [stage_table.load_recipe(target).stage] if target.is_file() else stage_table.check_recipe_dir(target)
     if not stages:
         print(f"{target}: no recipes found", file=sys.stderr)
         return 2
@@ -89,9 +96,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def _run_plan(a: argparse.Namespace) -> int:
-    from .plan import render_plan
-
-    recipe = pipeline.load_recipe(a.recipe)
+    recipe = stage_table.load_recipe(a.recipe)
     if not hasattr(recipe, "training"):
         print(f"qwen2-align: {a.recipe}: plan needs a trainer recipe (sft, rm, dpo, online-dpo)", file=sys.stderr)
         return 2
@@ -121,8 +126,6 @@ def _add_world(p: argparse.ArgumentParser) -> None:
 
 
 def _run_world(a: argparse.Namespace) -> int:
-    from data_synthesis.tiny_world import TinyWorld, write_world
-
     for name, path in write_world(TinyWorld(seed=a.seed), a.out).items():
         print(f"{name}: {path}")
     return 0
@@ -137,8 +140,8 @@ def _add_annotators(p: argparse.ArgumentParser) -> None:
 
 
 def _run_annotators(a: argparse.Namespace) -> int:
-    recipe = pipeline.load_recipe(a.recipe, stage="annotate", overrides=a.set)
-    pipeline.manage_annotators(recipe, a.add, a.revoke)
+    recipe = stage_table.load_recipe(a.recipe, stage="annotate", overrides=a.set)
+    Annotate(recipe).annotators(a.add, a.revoke)
     return 0
 
 
@@ -147,13 +150,15 @@ def _add_push(p: argparse.ArgumentParser) -> None:
                           "hub-upload")
 
 
-def _run_push(a: argparse.Namespace) -> int:
-    from .hub import push
-
-    folder = push(a.run, a.repo, private=a.private, dry_run=a.dry_run, out=a.out, license=a.license)
-    files = ", ".join(sorted(p.name for p in folder.iterdir()))
-    print(f"{'would upload' if a.dry_run else 'uploaded'} {folder} to {a.repo}: {files}")
-    return 0
+def _uploader(upload: Callable[..., Path], target: str) -> Callable[[argparse.Namespace], int]:
+    """The runner of `push` (a model) or `push-data` (a data set): `upload` writes the folder, then uploads it
+    unless --dry-run."""
+    def run(a: argparse.Namespace) -> int:
+        folder = upload(a.run, a.repo, private=a.private, dry_run=a.dry_run, out=a.out, license=a.license)
+        files = ", ".join(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()))
+        print(f"{'would upload' if a.dry_run else 'uploaded'} {folder} to {target}{a.repo}: {files}")
+        return 0
+    return run
 
 
 def _add_push_data(p: argparse.ArgumentParser) -> None:
@@ -161,21 +166,10 @@ def _add_push_data(p: argparse.ArgumentParser) -> None:
                           "hub-data")
 
 
-def _run_push_data(a: argparse.Namespace) -> int:
-    from .hub import push_data
-
-    folder = push_data(a.run, a.repo, private=a.private, dry_run=a.dry_run, out=a.out, license=a.license)
-    files = ", ".join(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()))
-    print(f"{'would upload' if a.dry_run else 'uploaded'} {folder} to the data set {a.repo}: {files}")
-    return 0
-
-
 _MOE_SHAPE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def _add_upcycle(p: argparse.ArgumentParser) -> None:
-    from .model import PRESETS
-
     moe_presets = sorted(k for k, v in PRESETS.items() if "num_experts" in v)
     p.add_argument("--dense", required=True, help="dense qwen2 checkpoint directory")
     p.add_argument("--out", required=True, help="MoE checkpoint directory to write")
@@ -190,9 +184,6 @@ def _add_upcycle(p: argparse.ArgumentParser) -> None:
 
 
 def _run_upcycle(a: argparse.Namespace) -> int:
-    from .model import PRESETS
-    from .upcycle import upcycle
-
     preset = PRESETS[a.preset] if a.preset else {}
     flags = dict(zip(_MOE_SHAPE, (a.num_experts, a.top_k, a.expert_size, a.shared_size)))
     shape = {k: preset.get(k) if v is None else v for k, v in flags.items()}
@@ -215,16 +206,14 @@ def _run_upcycle(a: argparse.Namespace) -> int:
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    """Every stage on the tiny world, then the report (alignment/demo.py)."""
-    from .demo import run_demo
-
+    """Every stage on the tiny world, then the report (qwen2_align/demo)."""
     _run_check(argparse.Namespace(recipes="recipes/tiny"))
     run_demo()
     return 0
 
 
-Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int] | None]
-# Tools around the stages; a None runner means not built yet.
+Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
+# Tools around the stages.
 COMMANDS: dict[str, Command] = {
     "init": ("write a randomly initialised checkpoint of a preset shape, with tokenizer", _add_init, _run_init),
     "chat": ("generate replies from a checkpoint for a few prompts", _add_chat, _run_chat),
@@ -236,9 +225,9 @@ COMMANDS: dict[str, Command] = {
               _run_world),
     "annotators": ("sign-in tokens of the people who rank responses in annotate's web app", _add_annotators,
                    _run_annotators),
-    "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _run_push),
+    "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _uploader(push, "")),
     "push-data": ("push an assemble run's D and P as a Hub data set (parquet splits, card)", _add_push_data,
-                  _run_push_data),
+                  _uploader(push_data, "the data set ")),
     "demo": ("the whole pipeline on the tiny default", None, _run_demo),
 }
 
@@ -249,55 +238,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Qwen2 post-training pipeline: data synthesis, SFT, reward model, offline and online DPO.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name, spec in pipeline.STAGES.items():
-        built = pipeline.is_built(name)
-        p = sub.add_parser(name, help=spec.help if built else f"{spec.help} [not built yet]", description=spec.help)
-        if spec.actions:
-            p.add_argument("action", nargs="?", choices=[n for n, _, _ in spec.actions],
-                           help="; ".join(f"{n}: {text}" for n, text, _ in spec.actions) + " (default: run the stage)")
+    for name, entry in stage_table.STAGES.items():
+        p = sub.add_parser(name, help=entry.help, description=entry.help)
+        actions = getattr(entry.stage, "actions", {})
+        if actions:
+            p.add_argument("action", nargs="?", choices=list(actions),
+                           help="; ".join(f"{n}: {text}" for n, text in actions.items()) + " (default: run the stage)")
         _add_recipe_arguments(p, name)
         if name == "eval":
             p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
                            help="evaluate this checkpoint instead of the recipe's models; repeatable")
-    for name, (text, add, runner) in COMMANDS.items():
-        p = sub.add_parser(name, help=text if runner else f"{text} [not built yet]", description=text)
+    for name, (text, add, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
         if add:
             add(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .generation import GenerationError
-    from .hub import HubError
-    from .recipes import RecipeError
-    from .stages import StageError
-
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     name = args.command
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if name in pipeline.STAGES:
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if name in stage_table.STAGES:
             overrides = list(args.set)
             if getattr(args, "model", None):
-                from .eval import models_override
-
                 overrides.append(models_override(args.model))
-            recipe = pipeline.load_recipe(args.recipe, stage=name, overrides=overrides)
-            if not pipeline.is_built(name):
-                print(f"qwen2-align: {args.recipe} is valid, but stage '{name}' is not built yet", file=sys.stderr)
-                return 2
-            pipeline.run(name, recipe, getattr(args, "action", None))
+            recipe = stage_table.load_recipe(args.recipe, stage=name, overrides=overrides)
+            stage_table.run(name, recipe, getattr(args, "action", None))
             return 0
-        runner = COMMANDS[name][2]
-        if runner is None:
-            print(f"qwen2-align: '{name}' is not built yet", file=sys.stderr)
-            return 2
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return runner(args)
+        return COMMANDS[name][2](args)
     except (RecipeError, DataError, StageError, GenerationError, HubError) as e:
         print(f"qwen2-align: {e}", file=sys.stderr)
         return 2

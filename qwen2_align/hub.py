@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
+from huggingface_hub import HfApi, constants
 
-from .atomic import atomic_dir
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from alignment.atomic import atomic_dir
+from alignment.data import load_jsonl
 
 # What a checkpoint needs to load and chat; checkpoints, optimizer states and logs stay behind.
 UPLOAD_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -103,8 +104,6 @@ def build_upload_folder(run_dir: str | Path, out: str | Path, repo: str, license
 
 def _upload(folder: Path, repo: str, repo_type: str, private: bool) -> None:
     """Create the repo if needed and upload the folder; the token is huggingface_hub's to find."""
-    from huggingface_hub import HfApi, constants
-
     api = HfApi()
     try:
         api.create_repo(repo, repo_type=repo_type, private=private, exist_ok=True)
@@ -132,8 +131,6 @@ ROWS_PER_FILE = 200_000
 
 def split_schema(split: str) -> pa.Schema:
     """One parquet schema per split: messages as list<struct<role, content>>, meta as a JSON string."""
-    import pyarrow as pa
-
     messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     content = [("messages", messages)] if split == "demonstrations" else [(k, messages) for k in
                                                                           ("prompt", "chosen", "rejected")]
@@ -158,9 +155,6 @@ def decode_row(row: dict) -> dict:
 
 def _write_split(rows: list[dict], split: str, data_dir: Path) -> list[str]:
     """The split's parquet files, ROWS_PER_FILE rows each, named as the Hub names shards."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     chunks = [rows[i : i + ROWS_PER_FILE] for i in range(0, len(rows), ROWS_PER_FILE)]
     names = [f"{split}-{i:05d}-of-{len(chunks):05d}.parquet" for i in range(len(chunks))]
     for chunk, name in zip(chunks, names):
@@ -237,8 +231,6 @@ def data_card(manifest: dict[str, Any], repo: str, license: str, rows: dict[str,
 
 def build_data_folder(run_dir: str | Path, out: str | Path, repo: str, license: str = "apache-2.0") -> Path:
     """Write the exact folder that `push_data` uploads: data/<split>-NNNNN-of-NNNNN.parquet and README.md."""
-    from .data import load_jsonl
-
     run_dir = Path(run_dir)
     manifest = _manifest(run_dir)
     if manifest.get("stage") != "assemble":

@@ -20,8 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .precision import cpu_model
+from matplotlib.figure import Figure
+
+from alignment.atomic import atomic_write_text
+from alignment.precision import cpu_model
 
 HEADLINE = (("arithmetic_accuracy", "held-out arithmetic accuracy", True),
             ("code_pass@1", "held-out code pass@1", True),
@@ -47,25 +49,15 @@ def stage_rows(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
 
 
 def plot_metrics_by_stage(metrics: dict[str, dict], path: Path) -> None:
-    plt = _plt()
     shown = [(key, title) for key, title, _ in HEADLINE if any(key in m for m in metrics.values())]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.0), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(shown), 3.0))
+    axes = fig.subplots(1, len(shown), squeeze=False)
     models = list(metrics)
     for ax, (key, title) in zip(axes[0], shown):
         values = [metrics[m].get(key, float("nan")) for m in models]
@@ -78,12 +70,12 @@ def plot_metrics_by_stage(metrics: dict[str, dict], path: Path) -> None:
 
 
 def plot_rows(rows: dict[str, dict], path: Path) -> None:
-    plt = _plt()
     names = list(rows)
     kept = [sum(v for k, v in rows[n]["outputs"].items() if k in ("demonstrations", "preferences", "tagged",
                                                                      "selected", "evolved", "responses", "clean",
                                                                      "completions")) for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 3.4))
+    fig = Figure(figsize=(max(6, 0.7 * len(names)), 3.4))
+    ax = fig.subplots()
     x = range(len(names))
     ax.bar([i - 0.27 for i in x], [rows[n]["in"] for n in names], 0.27, label="rows in")
     ax.bar(x, kept, 0.27, label="rows out (D, P or the next stage's input)")
@@ -97,9 +89,9 @@ def plot_rows(rows: dict[str, dict], path: Path) -> None:
 
 
 def plot_times(seconds: dict[str, float], path: Path) -> None:
-    plt = _plt()
     names = list(seconds)
-    fig, ax = plt.subplots(figsize=(7, 0.22 * len(names) + 1))
+    fig = Figure(figsize=(7, 0.22 * len(names) + 1))
+    ax = fig.subplots()
     ax.barh(range(len(names)), [seconds[n] for n in names], color="C0")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
@@ -110,10 +102,10 @@ def plot_times(seconds: dict[str, float], path: Path) -> None:
 
 
 def plot_episodes(episodes: list[dict], path: Path) -> None:
-    plt = _plt()
     keys = [k for k in ("sample_reward_mean", "sample_accuracy", "eval_reward_mean", "eval_accuracy",
                         "win_rate_vs_reference") if any(k in e for e in episodes)]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     for key in keys:
         points = [(e["episode"], e[key]) for e in episodes if key in e]
         ax.plot(*zip(*points), marker="o", label=key)

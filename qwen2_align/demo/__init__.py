@@ -1,12 +1,12 @@
 """`make demo`: every stage of the pipeline on the tiny world, each with its recipe in `recipes/tiny/`, then a
-report (`alignment.report`) of what each stage bought.
+report (`qwen2_align.demo.report`) of what each stage bought.
 
     world -> pretrain (the base model, cached) -> generate, instag -> select -> evolve -> responses -> annotate
     (the base model as judge), rejection, execution (code, constraints), repurpose (literature, role-play),
     constitution, decontam -> assemble -> sft -> rm -> dpo -> online-dpo (OnDARE) -> eval -> push dry-runs
 
 The base model is the teacher of every synthesis stage: the tiny world taught it the stages' own prompts
-(`data_synthesis.tiny_world.CHAT_SKILLS`). The pretrain run is cached under `runs/tiny/base` and reused while the
+(`qwen2_align.demo.tiny_world.CHAT_SKILLS`). The pretrain run is cached under `runs/tiny/base` and reused while the
 corpus and its recipe are the same (a changed one is trained again). The other stages belong to one demo run:
 a demo killed midway resumes where it stopped (every stage resumes), and a demo started after a finished one,
 or on another base model, starts those stages afresh, so the report always shows what this code does.
@@ -20,9 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import pipeline
-from .atomic import atomic_write_text
-from .stages import RunDirTaken
+from alignment.atomic import atomic_write_text
+from alignment.stages import RunDirTaken
+
+from .. import stage_table
+from ..hub import push, push_data
+from .report import write_report
+from .tiny_world import TinyWorld, write_world
 
 
 @dataclass(frozen=True)
@@ -44,20 +48,18 @@ RUNS = Path("runs/tiny")  # where the tiny recipes read and write, relative to t
 
 
 def _world(settings: dict) -> None:
-    from data_synthesis.tiny_world import TinyWorld, write_world
-
     write_world(TinyWorld(**settings), RUNS / "world")
 
 
 def _pretrain(overrides: list[str]) -> dict:
     """The cached base model: a finished run of this recipe and corpus is reused, any other is replaced."""
-    recipe = pipeline.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides)
+    recipe = stage_table.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides)
     try:
-        return pipeline.run("pretrain", recipe)
+        return stage_table.run("pretrain", recipe)
     except RunDirTaken:
         print(f"demo: {recipe.run_dir} was trained on another corpus or recipe: training the base model again")
     shutil.rmtree(recipe.run_dir)
-    return pipeline.run("pretrain", pipeline.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides))
+    return stage_table.run("pretrain", stage_table.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides))
 
 
 def _start_fresh_or_resume(base_fingerprint: str) -> dict:
@@ -79,8 +81,6 @@ def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None =
     """Run the demo under `runs/tiny` of the current directory. `overrides` maps a step name (or "pretrain") to
     `--set` overrides and `world` sets `TinyWorld` fields: the shortened demo of the test suite uses both.
     Returns the report's summary."""
-    from .report import write_report
-
     overrides = overrides or {}
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -93,10 +93,10 @@ def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None =
     state = _start_fresh_or_resume(base["fingerprint"])
     state_path = RUNS / "demo.json"
     for step in STEPS:
-        recipe = pipeline.load_recipe(step.recipe_path, stage=step.stage, overrides=overrides.get(step.name, []))
+        recipe = stage_table.load_recipe(step.recipe_path, stage=step.stage, overrides=overrides.get(step.name, []))
         print(f"\n== demo: {step.name} ({step.recipe_path}) ==", flush=True)
         clock = time.perf_counter()
-        pipeline.run(step.stage, recipe)
+        stage_table.run(step.stage, recipe)
         state["seconds"][step.name] = state["seconds"].get(step.name, 0.0) + time.perf_counter() - clock
         atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     clock = time.perf_counter()
@@ -111,7 +111,5 @@ def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None =
 
 def push_dry_runs() -> dict[str, Path]:
     """What `push` and `push-data` would upload: the final model with its card, and the assembled D and P."""
-    from .hub import push, push_data
-
     return {"model": push(RUNS / "online-dpo", PUSH_REPO, dry_run=True, out=RUNS / "push" / "model"),
             "data": push_data(RUNS / "assemble", f"{PUSH_REPO}-data", dry_run=True, out=RUNS / "push" / "data")}
