@@ -26,11 +26,12 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import datasets
+from typing import TYPE_CHECKING, Any, Literal
 
 from .atomic import atomic_write_text
+
+if TYPE_CHECKING:  # imported where data sets are read: the GPU check runs this package without it
+    import datasets
 
 RowKind = Literal["demonstration", "preference", "prompt", "text", "any"]
 ROLES = ("system", "user", "assistant")
@@ -208,6 +209,8 @@ def _load_dataset(source: DataSource) -> datasets.Dataset:
 
     A folder with a subfolder named like the split (`train_sft/*.parquet`) reads that subfolder:
     `datasets` only infers split folders with standard names (train, test, validation)."""
+    import datasets
+
     path = Path(source.path)
     try:
         if path.is_file():
@@ -443,6 +446,8 @@ def trl_dataset(rows: list[dict], kind: RowKind) -> datasets.Dataset:
     """Valid rows as the dataset TRL's trainers take: conversational language modelling
     (`messages`) or plain text (`text`) for D, `prompt/chosen/rejected` for P, prompt-only
     (`prompt`) for prompts; ids, sources and meta are left out."""
+    import datasets
+
     if kind == "preference":
         return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     if kind == "prompt":

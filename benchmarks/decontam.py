@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data_synthesis.decontam import DENSE_SHARE, ContaminationIndex, LcsIndex, lcs_length, min_lcs, tokenize  # noqa: E402
+from data_synthesis.decontam import DENSE_SHARE, ContaminationIndex, LcsIndex, lcs_length, min_lcs  # noqa: E402
+from data_synthesis.text import tokenize  # noqa: E402
 
 COMMON = ("the of and to a in is it you that he was for on are with as i his they be at one have this from or "
           "had by not but what some we can out other were all there when up use your how said an each she which do "

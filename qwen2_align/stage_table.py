@@ -40,6 +40,7 @@ from .eval import EvalStage
 class StageEntry:
     stage: type[Stage]
     help: str  # one line for `qwen2-align --help`
+    demo_only: bool = False  # a recipe only in recipes/tiny (the demo's own base model)
 
 
 STAGES: dict[str, StageEntry] = {entry.stage.name: entry for entry in (
@@ -56,7 +57,8 @@ STAGES: dict[str, StageEntry] = {entry.stage.name: entry for entry in (
     StageEntry(ConstitutionStage, "constitutional feedback: responses that follow or violate principles"),
     StageEntry(DecontamStage, "decontamination against test sets (13-gram, LCS)"),
     StageEntry(AssembleStage, "merge synthesis runs' D and P: dedup by content, decontaminated, lineage kept"),
-    StageEntry(PretrainStage, "pretrain a tiny base model from scratch on text rows (the demo's base model)"),
+    StageEntry(PretrainStage, "pretrain a tiny base model from scratch on text rows (the demo's base model)",
+               demo_only=True),
     StageEntry(SFTStage, "supervised fine-tuning on D (TRL SFTTrainer)"),
     StageEntry(RewardStage, "reward model on P (TRL RewardTrainer)"),
     StageEntry(DPOStage, "offline DPO on P (TRL DPOTrainer)"),

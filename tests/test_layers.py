@@ -52,3 +52,14 @@ def test_the_makefile_and_the_demo_run_the_stages_of_the_table():
         assert (ROOT / step.recipe_path).is_file()
     # every stage runs in the demo, but pretrain (run before the steps, cached) and the people's app
     assert {step.stage for step in STEPS} == set(STAGES) - {"pretrain"}
+
+
+def test_the_gpu_check_imports_without_trl_or_datasets():
+    """The GPU machines' image has neither (TRL travels as a wheel): what benchmarks/gpu_check.py imports from
+    the packages must load without them."""
+    blocked = "import sys; sys.modules.update(trl=None, datasets=None, openai=None); "
+    imports = ("import alignment.model, alignment.model.attention, alignment.model.dca, alignment.model.modeling, "
+               "qwen2_align.plan")
+    out = subprocess.run([sys.executable, "-c", blocked + imports], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr

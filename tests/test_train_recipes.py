@@ -95,7 +95,7 @@ def test_dpo_keys_give_stock_trl_loss_and_gradients(setup, case):
     recipe = load_recipe(_write_recipe(root, "dpo", models["tiny"], data["preferences"], f"dpo-{case}", beta=0.1,
                                        **DPO_CASES[case]))
     split = load_training_data(recipe, "preference", Run.start("dpo", recipe, ["train"]))
-    ours = build_dpo_trainer(recipe, split, load_frozen_model(recipe.model, recipe))
+    ours = build_dpo_trainer(recipe, split, recipe.model, load_frozen_model(recipe.model, recipe))
     stock_model = lambda: transformers.AutoModelForCausalLM.from_pretrained(models["tiny"], dtype=torch.float32)  # noqa: E731
     stock = DPOTrainer(model=stock_model(), ref_model=stock_model(), args=ours.args,
                        train_dataset=split.train_dataset(), processing_class=ours.processing_class)

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 IGNORE_INDEX = -100
 CHUNK_ROWS = 256  # rows of logits per chunk (per matmul): 156 MB of float32 at 151,936 columns
@@ -61,8 +59,12 @@ def _gathered(weight: torch.Tensor):
     """A context in which a ZeRO-3 partitioned weight is whole (TRL's; a null context otherwise).
 
     TRL is imported only under ZeRO-3: the model runs without it (e.g. `benchmarks/gpu_check.py`)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     if not is_deepspeed_zero3_enabled():
         return contextlib.nullcontext()
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
     return maybe_gather_lm_head_ctx(weight)
 
 
