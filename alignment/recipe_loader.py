@@ -19,6 +19,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,20 @@ def check_keys(cls: type, data: dict, where: str, prefix: str = "") -> dict[str,
             raise _fail(where, f"{prefix}{k}", f"unknown key{_suggest(k, names)}")
         out[k] = _check(v, hints[k], where, f"{prefix}{k}")
     return out
+
+
+def check_choices(key: str, chosen: list[str], known: Iterable[str], what: str, allow_empty: bool = False) -> None:
+    """A list key that picks from `known` (operations, detail levels, constraint kinds): for a recipe's
+    `__post_init__`, a ValueError naming the key when the list is empty, names an unknown one or repeats one."""
+    known = list(known)
+    if not chosen and not allow_empty:
+        raise ValueError(f"{key}: must list at least one of {', '.join(known)}")
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        raise ValueError(f"{key}: unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
+    repeated = [c for i, c in enumerate(chosen) if c in chosen[:i]]
+    if repeated:
+        raise ValueError(f"{key}: {what} {repeated[0]!r} is listed twice")
 
 
 def build(cls: type, data: dict, where: str, prefix: str = "") -> Any:

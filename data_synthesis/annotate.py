@@ -33,7 +33,7 @@ from alignment.data import Quarantined, row_problem
 from alignment.generation import GenerationSpec, make_generator
 from alignment.generation.answers import json_values
 from alignment.reward_model import RewardModel
-from alignment.stages import Outcome, ShardContext, DataStage, StageError, StageRecipe
+from alignment.stages import DataStage, Outcome, ShardContext, StageError, StageRecipe
 
 from .generate import lineage
 

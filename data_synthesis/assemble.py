@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data import Quarantined, load_jsonl, normalise, read_rows, row_problem
-from alignment.stages import Outcome, ShardContext, DataStage, StageError
+from alignment.stages import DataStage, Outcome, ShardContext, StageError
 
 from .decontam import ContaminationCheck, ContaminationRules, contamination_counts, with_lineage
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from alignment.data import DataInput, Quarantined, as_sources, write_rows
-from alignment.stages import Outcome, ShardContext, DataStage, StageRecipe
+from alignment.stages import DataStage, Outcome, ShardContext, StageRecipe
 
 from .text import tokenize
 

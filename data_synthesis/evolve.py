@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from alignment.data import Quarantined
 from alignment.generation import GenerationSpec
+from alignment.recipe_loader import check_choices
 from alignment.stages import Outcome, ShardContext, StageRecipe
 
 from .generate import GeneratingStage, lineage
@@ -181,13 +182,7 @@ class EvolveRecipe(StageRecipe):
         for name in ("rounds", "max_added_words", "tree_new_nodes", "tree_max_words"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.operations:
-            raise ValueError(f"operations: must list at least one of {', '.join(OPERATIONS)}")
-        unknown = [o for o in self.operations if o not in OPERATIONS]
-        if unknown:
-            raise ValueError(f"operations: unknown operation {unknown[0]!r} (known: {', '.join(OPERATIONS)})")
-        if len(set(self.operations)) != len(self.operations):
-            raise ValueError("operations: an operation is listed twice")
+        check_choices("operations", self.operations, OPERATIONS, "operation")
 
 
 class EvolveStage(GeneratingStage):

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from alignment.data import Quarantined, load_jsonl
 from alignment.generation import GenerationSpec
+from alignment.recipe_loader import check_choices
 from alignment.stages import Outcome, ShardContext, StageError, StageRecipe
 from reward.code import extract_code, run_solutions, task_tests
 from reward.constraints import (SEED_KINDS, CheckerVerdicts, Constraint, ConstraintError, constrained_prompt,
@@ -231,11 +232,7 @@ class ExecutionRecipe(StageRecipe):
                 if getattr(self, name) != default:
                     raise ValueError(f"{name}: applies to kind instruction_following only, not code")
             return
-        unknown = [k for k in self.constraint_kinds if k not in SEED_KINDS]
-        if unknown:
-            raise ValueError(f"constraint_kinds: unknown kind {unknown[0]!r} (known: {', '.join(SEED_KINDS)})")
-        if len(set(self.constraint_kinds)) != len(self.constraint_kinds):
-            raise ValueError("constraint_kinds: a kind is listed twice")
+        check_choices("constraint_kinds", self.constraint_kinds, SEED_KINDS, "kind", allow_empty=True)
         if self.constraints_per_prompt < 1:
             raise ValueError(f"constraints_per_prompt: must be >= 1, got {self.constraints_per_prompt}")
         draw_constraints(random.Random(0), self.constraints_per_prompt, self.constraint_kinds)  # raises if none go

@@ -11,7 +11,7 @@ from typing import Any
 
 from alignment.data import Quarantined
 from alignment.generation import Completion, GenerationSpec, Prompt, make_generator
-from alignment.stages import Outcome, ShardContext, DataStage, StageRecipe
+from alignment.stages import DataStage, Outcome, ShardContext, StageRecipe
 
 
 def lineage(stage: str, model: str, seed: int, parent_id: str, **extra: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from alignment.data import Quarantined
 from alignment.generation import GenerationSpec
+from alignment.recipe_loader import check_choices
 from alignment.stages import Outcome, ShardContext, StageRecipe
 
 from .generate import GeneratingStage, lineage
@@ -84,13 +85,7 @@ class RepurposeRecipe(StageRecipe):
             raise ValueError(f"generation.n: must be 1 (one instruction per level, one reply per turn), "
                              f"got {self.generation.n}")
         if self.kind == "literature":
-            if not self.detail_levels:
-                raise ValueError(f"detail_levels: must list at least one of {', '.join(DETAIL_TEMPLATES)}")
-            unknown = [d for d in self.detail_levels if d not in DETAIL_TEMPLATES]
-            if unknown:
-                raise ValueError(f"detail_levels: unknown level {unknown[0]!r} (known: {', '.join(DETAIL_TEMPLATES)})")
-            if len(set(self.detail_levels)) != len(self.detail_levels):
-                raise ValueError("detail_levels: a level is listed twice")
+            check_choices("detail_levels", self.detail_levels, DETAIL_TEMPLATES, "level")
 
 
 class RepurposeStage(GeneratingStage):

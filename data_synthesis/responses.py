@@ -18,7 +18,7 @@ from typing import Any
 
 from alignment.data import Quarantined
 from alignment.generation import GenerationSpec, Generator, make_generator
-from alignment.stages import Outcome, ShardContext, DataStage, StageRecipe
+from alignment.stages import DataStage, Outcome, ShardContext, StageRecipe
 
 from .generate import lineage
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignment.data import Quarantined, read_rows
-from alignment.stages import Outcome, ShardContext, DataStage, StageError, StageRecipe
+from alignment.stages import DataStage, Outcome, ShardContext, StageError, StageRecipe
 
 from .generate import lineage
 from .text import STOP_WORDS

@@ -79,7 +79,7 @@ def test_operations_are_drawn_from_seed_row_and_round(tmp_path):
 def test_recipe_checks(tmp_path):
     cases = [({"operations": ["deepen", "deppen"]}, "operations: unknown operation 'deppen'"),
              ({"operations": []}, "operations: must list at least one"),
-             ({"operations": ["deepen", "deepen"]}, "operations: an operation is listed twice"),
+             ({"operations": ["deepen", "deepen"]}, "operations: operation 'deepen' is listed twice"),
              ({"rounds": 0}, "rounds: must be >= 1"), ({"max_added_words": 0}, "max_added_words: must be >= 1"),
              ({"method": "forest"}, "method")]
     for extra, expected in cases:

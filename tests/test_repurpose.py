@@ -52,7 +52,7 @@ def test_recipes_are_checked(tmp_path):
     assert load_recipe("recipes/tiny/repurpose-roleplay.yaml").kind == "roleplay"
     assert _load(tmp_path, _recipe(tmp_path)).detail_levels == ["brief", "detailed", "very_detailed"]
     cases = [({"detail_levels": ["brief", "terse"]}, "detail_levels: unknown level 'terse'"),
-             ({"detail_levels": ["brief", "brief"]}, "detail_levels: a level is listed twice"),
+             ({"detail_levels": ["brief", "brief"]}, "detail_levels: level 'brief' is listed twice"),
              ({"detail_levels": []}, "detail_levels: must list at least one")]
     for extra, expected in cases:
         with pytest.raises(RecipeError, match=expected):

@@ -16,13 +16,15 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..stages import Run
-from .common import (TrainRecipe, TrainerStage, TrainingData, fit, load_frozen_model, load_trained_model,
+from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_frozen_model, load_trained_model,
                      load_trainer_tokenizer, save_model, score_in_shares, trainer_arguments, use_native_lm_head,
                      whole_models)
 
 
 @dataclass
 class DPORecipe(TrainRecipe):
+    """inputs.train (P) -> the policy; `training:` is `trl.DPOConfig`."""
+
     reference: str | None = None  # reference model; None = the starting model
     trl_config_class: ClassVar[type] = DPOConfig
 

@@ -15,12 +15,14 @@ from trl import RewardConfig, RewardTrainer
 from ..checkpoint import DTYPES, reward_model_class
 from ..reward_model import RewardModel
 from ..stages import Run
-from .common import (TrainRecipe, TrainerStage, TrainingData, fit, load_trained_model, load_trainer_tokenizer,
+from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_trained_model, load_trainer_tokenizer,
                      save_model, score_in_shares, trainer_arguments)
 
 
 @dataclass
 class RewardRecipe(TrainRecipe):
+    """inputs.train (P) -> the reward model; `training:` is `trl.RewardConfig`."""
+
     trl_config_class: ClassVar[type] = RewardConfig
 
 

@@ -16,12 +16,15 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from ..stages import Run
-from .common import (TrainRecipe, TrainerStage, TrainingData, fit, load_trained_model, load_trainer_tokenizer,
+from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_trained_model, load_trainer_tokenizer,
                      save_model, trainer_arguments, use_native_lm_head)
 
 
 @dataclass
 class SFTRecipe(TrainRecipe):
+    """inputs.train (D) -> the fine-tuned model; `training:` is `trl.SFTConfig`, evaluated every epoch when rows
+    are held out (inputs.eval or eval_fraction)."""
+
     trl_config_class: ClassVar[type] = SFTConfig
 
     def trl_defaults(self) -> dict[str, Any]:
