@@ -1,10 +1,9 @@
 """Which precision computes, chosen per machine.
 
-On CPU the answer depends on the chip: bf16 matmul ran at 4.6x fp32 on one machine of this
-project (AMD EPYC, AVX512-BF16) and at 0.55x on another (Intel Xeon, AVX512-BF16 without AMX),
-where bf16 autocast halved SFT throughput. So `dtype: auto` measures: a short matmul probe,
-fp32 against bf16, interleaved, cached per CPU model, thread count and torch version. On CUDA,
-`auto` is bf16 where the GPU supports it. A recipe that names a dtype pins it.
+On CPU the answer depends on the chip: bf16 matmul is several times faster than fp32 on some CPUs
+and slower on others (the figures: docs/training.md, Precision). So `dtype: auto` measures: a short
+matmul probe, fp32 against bf16, interleaved, cached per CPU model, thread count and torch version.
+On CUDA, `auto` is bf16 where the GPU supports it. A recipe that names a dtype pins it.
 """
 
 from __future__ import annotations

