@@ -33,7 +33,8 @@ import secrets
 import signal
 import sqlite3
 import statistics
-from contextlib import closing
+import threading
+from contextlib import closing, suppress
 from datetime import datetime, timedelta, timezone
 from http.cookies import SimpleCookie
 from itertools import combinations
@@ -48,6 +49,8 @@ from .annotate import AnnotateRecipe, AnnotateStage, export, item_problem, model
 UI = Path(__file__).with_name("annotation_ui")
 DRAFT_HOLD = timedelta(minutes=30)  # an item shown to someone counts towards its quota this long
 SESSION_COOKIE = "qwen2_align_session"
+MAX_BODY_BYTES = 64 * 1024  # the largest answer (a ranking and a discard reason) is far smaller
+CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 FINISHED = ("submitted", "discarded")
 
 SCHEMA = """
@@ -324,6 +327,8 @@ class AnnotationApp:
     def answer(self, db: sqlite3.Connection, me: str, body: dict) -> dict:
         """Store a ranking (`submit`), a discard with its reason, or a skip of the annotator's current item."""
         item_id, action = body.get("item_id"), body.get("action")
+        if not isinstance(item_id, str):
+            raise Refused(400, "item_id: must be the id string of the item you are annotating")
         row = db.execute("SELECT i.payload FROM annotations a JOIN items i ON i.id = a.item_id WHERE a.item_id = ? "
                          "AND a.annotator = ? AND a.status = 'draft'", (item_id, me)).fetchone()
         if row is None:
@@ -332,15 +337,19 @@ class AnnotationApp:
         ranking = flagged = reason = None
         if action == "submit":
             ranking, flagged = body.get("ranking"), body.get("flagged", [])
-            if not (isinstance(flagged, list) and all(isinstance(i, int) and 0 <= i < count for i in flagged)):
+            if not (isinstance(flagged, list) and all(type(i) is int and 0 <= i < count for i in flagged)):
                 raise Refused(400, f"flagged: must list response indices 0..{count - 1}")
             usable = sorted(set(range(count)) - set(flagged))
-            if not isinstance(ranking, list) or sorted(ranking) != usable or not usable:
+            if (not isinstance(ranking, list) or not all(type(i) is int for i in ranking) or sorted(ranking) != usable
+                    or not usable):
                 raise Refused(400, "ranking: rank every response not marked unusable, each once "
                                    "(to reject all of them, discard the item)")
             ranking, flagged = json.dumps(ranking + sorted(set(flagged))), json.dumps(sorted(set(flagged)))
         elif action == "discard":
-            reason = str(body.get("reason") or "").strip()[:500] or "unusable"
+            reason = body.get("reason") or ""
+            if not isinstance(reason, str):
+                raise Refused(400, "reason: must be text")
+            reason = reason.strip()[:500] or "unusable"
         elif action != "skip":
             raise Refused(400, "action: must be submit, discard or skip")
         status = {"submit": "submitted", "discard": "discarded", "skip": "skipped"}[action]
@@ -365,9 +374,37 @@ STATIC = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascri
           "/app.css": ("app.css", "text/css")}
 
 
+class CappedServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once: one more is answered 503 and closed, so
+    clients that open connections and send nothing cannot take every thread."""
+
+    daemon_threads = True
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 31\r\n"
+            b"Connection: close\r\n\r\n{\"error\": \"the server is busy\"}")
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            with suppress(OSError):
+                request.sendall(self.BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def handler_for(app: AnnotationApp) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "qwen2-align-annotate"
+        timeout = app.recipe.request_timeout_s  # the socket's: a silent or half-sent request is closed
 
         def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
@@ -395,8 +432,17 @@ def handler_for(app: AnnotationApp) -> type[http.server.BaseHTTPRequestHandler]:
                 self.send(415, b'{"error": "send JSON"}', "application/json")
                 return
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            except (ValueError, UnicodeDecodeError):
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.send(411, b'{"error": "send a Content-Length"}', "application/json")
+                return
+            if not 0 <= length <= MAX_BODY_BYTES:  # refused before a byte of it is read
+                self.send(413, b'{"error": "the body is too large"}', "application/json", {"Connection": "close"})
+                self.close_connection = True
+                return
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 body = None
             if not isinstance(body, dict):
                 self.send(400, b'{"error": "the body must be a JSON object"}', "application/json")
@@ -421,12 +467,17 @@ def handler_for(app: AnnotationApp) -> type[http.server.BaseHTTPRequestHandler]:
                     status, payload = 200, call(db)
             except Refused as e:
                 status, payload = e.status, {"error": str(e)}
+            except Exception as e:  # noqa: BLE001 - a fault still gets an answer, never a dropped connection
+                print(f"annotate: {self.path}: {type(e).__name__}: {e}".translate(CONTROL_CHARACTERS), flush=True)
+                status, payload = 500, {"error": "the server could not answer; its log says why"}
             extra = dict(headers or {}) | ({"Set-Cookie": self.cookie} if self.cookie else {})
             self.send(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json", extra)
 
         def log_message(self, format: str, *args: Any) -> None:
-            """Request lines only (paths carry no secrets: tokens and sessions travel in bodies and cookies)."""
-            print(f"annotate: {self.address_string()} {format % args}", flush=True)
+            """Request lines only (paths carry no secrets: tokens and sessions travel in bodies and cookies), control
+            characters escaped so that a request cannot write lines of its own into the log."""
+            line = (format % args).translate(CONTROL_CHARACTERS)
+            print(f"annotate: {self.address_string()} {line}", flush=True)
 
     return Handler
 
@@ -445,7 +496,7 @@ def serve(recipe: AnnotateRecipe) -> None:
         print(f"annotate: not loaded: {problem.origin or problem.row.get('id', '?')}: {problem.reason}")
     if not annotators:
         print("annotate: no annotators yet: qwen2-align annotators --recipe <recipe> --add NAME")
-    server = http.server.ThreadingHTTPServer((recipe.host, recipe.port), handler_for(AnnotationApp(recipe)))
+    server = CappedServer((recipe.host, recipe.port), handler_for(AnnotationApp(recipe)), recipe.max_connections)
     signal.signal(signal.SIGTERM, stop)
     print(f"annotate: {loaded} items ({len(problems)} not loaded), {recipe.annotators_per_item} annotator(s) each, "
           f"in {database_path(recipe)}; annotators: {', '.join(annotators) or 'none'}\n"

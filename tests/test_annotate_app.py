@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,115 @@ def test_people_rank_in_chromium_and_the_export_matches_the_clicks(tmp_path):
     assert people["agreement"]["krippendorff_alpha_kendall"] == pytest.approx(0.4)
     assert people["by_annotator"] == {"alice": {"submitted": 2, "discarded": 1}, "bob": {"submitted": 3, "discarded": 0}}
     assert not any(token in log.read_text() for token in tokens.values())
+
+
+# ---- hostile clients, through real HTTP -------------------------------------------------------------------------
+
+def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are and read the answer: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def _post(port: int, path: str, body: bytes, cookie: str = "", length: str | None = None) -> tuple[int, bytes]:
+    headers = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n"
+               + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n")
+    return _raw(port, headers.encode() + body)
+
+
+def test_bad_clients_get_one_json_answer_and_store_nothing(tmp_path):
+    """Odd types, oversized and malformed bodies and control characters in the path: each gets a 4xx JSON answer,
+    the ranking is not stored, the server lives on, and the log holds the path escaped."""
+    port = free_port()
+    recipe = write_recipe(tmp_path, per_item=1, port=port)
+    made = cli("annotators", "--recipe", str(recipe), "--add", "alice")
+    token = dict(line.split("\t") for line in made.stdout.splitlines() if "\t" in line)["alice"]
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(port, server, log)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # the session cookie of a sign-in
+            body = json.dumps({"token": token}).encode()
+            s.sendall(b"POST /api/sign-in HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        cookie = answer.split(b"Set-Cookie: ", 1)[1].split(b";", 1)[0].decode()
+        status, body = _raw(port, f"GET /api/next HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n"
+                                  "Connection: close\r\n\r\n".encode())
+        shown = json.loads(body)["item"]
+        assert status == 200 and shown["id"] == "q1"
+
+        def answer_with(payload: dict) -> tuple[int, dict]:
+            status, body = _post(port, "/api/answer", json.dumps(payload).encode(), cookie)
+            return status, json.loads(body)
+
+        for ranking in ([2, True, 0], [2.0, 1, 0], [2, 1, "0"]):  # True == 1 and 2.0 == 2 in Python
+            status, payload = answer_with({"item_id": "q1", "action": "submit", "ranking": ranking})
+            assert status == 400 and payload["error"].startswith("ranking:"), (ranking, payload)
+        status, payload = answer_with({"item_id": "q1", "action": "submit", "ranking": [0, 1, 2], "flagged": [False]})
+        assert status == 400 and payload["error"].startswith("flagged:")
+        status, payload = answer_with({"item_id": {}, "action": "skip"})
+        assert status == 400 and payload["error"].startswith("item_id:")
+        status, payload = answer_with({"item_id": "q1", "action": "discard", "reason": {"x": 1}})
+        assert status == 400 and payload["error"].startswith("reason:")
+        deep = b"[" * 30_000 + b"]" * 30_000  # deeper than the parser recurses, within the size limit
+        status, body = _post(port, "/api/answer", deep, cookie)
+        assert status == 400 and json.loads(body) == {"error": "the body must be a JSON object"}
+        # a body too large is refused from its Content-Length, before it is sent
+        status, body = _post(port, "/api/sign-in", b"", length=str(10 ** 12))
+        assert status == 413 and json.loads(body)["error"] == "the body is too large"
+        status, body = _raw(port, b"POST /api/sign-in HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Connection: close\r\n\r\n")
+        assert status == 411
+        status, _ = _raw(port, b"GET /nothing\x1b[31m\rforged HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status in (400, 404)
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    with closing(sqlite3.connect(tmp_path / "run" / "annotations.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM annotations WHERE status != 'draft'").fetchone()[0] == 0
+    logged = log.read_text()
+    assert "\x1b" not in logged and "\\x1b[31m" in logged and "\\x0dforged" in logged
+
+
+def test_silent_connections_time_out_and_cannot_take_every_thread(tmp_path):
+    """Half-sent requests up to the cap hold their threads only until the timeout; one more connection beyond the
+    cap is answered 503 at once; after the timeout the server answers again."""
+    port = free_port()
+    recipe = write_recipe(tmp_path, per_item=1, port=port)
+    recipe.write_text(recipe.read_text() + "request_timeout_s: 2\nmax_connections: 3\n")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(port, server, log)
+        time.sleep(0.5)  # wait_for's probe connection has gone
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        for s in silent:
+            s.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+        time.sleep(0.5)
+        status, body = _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 503 and json.loads(body) == {"error": "the server is busy"}
+        started = time.monotonic()
+        for s in silent:  # each is closed by the server at its timeout (the client would wait 30 s)
+            while s.recv(65536):
+                pass
+            s.close()
+        assert time.monotonic() - started < 10
+        status, _ = _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
