@@ -181,6 +181,7 @@ class AnnotateRecipe(StageRecipe):
     database: str = ""  # the SQLite file of items, annotators and answers; "" = <run_dir>/annotations.sqlite
     annotators_per_item: int = 1
     merge: Literal["mean", "majority", "min", "max"] = "mean"  # how several people's rankings of an item merge
+    session_hours: float = 12.0  # a sign-in lasts this long; then the token is asked for again
     request_timeout_s: float = 10.0  # a connection that sends nothing for this long is closed
     max_connections: int = 32  # connections served at once; one more is answered 503 and closed
 
@@ -189,6 +190,8 @@ class AnnotateRecipe(StageRecipe):
             raise ValueError(f"pairs_per_item: must be >= 0 (0 = every pair with the top), got {self.pairs_per_item}")
         if self.annotators_per_item < 1:
             raise ValueError(f"annotators_per_item: must be >= 1, got {self.annotators_per_item}")
+        if self.session_hours <= 0:
+            raise ValueError(f"session_hours: must be > 0, got {self.session_hours}")
         if self.request_timeout_s <= 0 or self.max_connections < 1:
             raise ValueError("request_timeout_s: must be > 0, and max_connections >= 1")
         if not 0 <= self.port <= 65535:

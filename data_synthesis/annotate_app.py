@@ -99,6 +99,11 @@ def digest(row: dict) -> str:
     return sha256(json.dumps(row, sort_keys=True, ensure_ascii=False))
 
 
+def since(age: timedelta) -> str:
+    """The timestamp `age` ago, comparable with `now()`'s."""
+    return (datetime.now(timezone.utc) - age).isoformat(timespec="seconds")
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -231,12 +236,14 @@ def add_annotators(db: sqlite3.Connection, names: list[str]) -> dict[str, str]:
 
 
 def revoke_annotators(db: sqlite3.Connection, names: list[str]) -> None:
-    """Their tokens and sessions stop working; what they submitted stays."""
+    """Their tokens and sessions stop working and the item they hold goes back to the others; what they submitted
+    stays."""
     with db:
         for name in names:
             if db.execute("UPDATE annotators SET token_sha256 = NULL WHERE name = ?", (name,)).rowcount == 0:
                 raise StageError(f"annotators: no annotator named {name!r}")
             db.execute("DELETE FROM sessions WHERE annotator = ?", (name,))
+            db.execute("DELETE FROM annotations WHERE annotator = ? AND status = 'draft'", (name,))
 
 
 def annotations_by_item(db: sqlite3.Connection) -> dict[str, list[dict]]:
@@ -266,10 +273,14 @@ class AnnotationApp:
         self.path = database_path(recipe)
 
     def annotator(self, db: sqlite3.Connection, session: str | None) -> str:
-        found = session and db.execute("SELECT annotator FROM sessions WHERE session_sha256 = ?",
+        found = session and db.execute("SELECT annotator, created FROM sessions WHERE session_sha256 = ?",
                                        (sha256(session),)).fetchone()
         if not found:
             raise Refused(401, "sign in with your annotator token")
+        if found["created"] < since(timedelta(hours=self.recipe.session_hours)):
+            with db:
+                db.execute("DELETE FROM sessions WHERE session_sha256 = ?", (sha256(session),))
+            raise Refused(401, "your session has expired: sign in again with your annotator token")
         return found["annotator"]
 
     def sign_in(self, db: sqlite3.Connection, token: Any) -> tuple[str, str]:
@@ -294,7 +305,7 @@ class AnnotationApp:
 
     def open_items(self, db: sqlite3.Connection, me: str, limit: int = -1) -> list[str]:
         """Items this annotator may take: not finished by them, their quota not filled by others; skipped last."""
-        cutoff = (datetime.now(timezone.utc) - DRAFT_HOLD).isoformat(timespec="seconds")
+        cutoff = since(DRAFT_HOLD)
         rows = db.execute(
             "SELECT i.id FROM items i LEFT JOIN annotations mine ON mine.item_id = i.id AND mine.annotator = :me "
             "WHERE COALESCE(mine.status, 'open') IN ('open', 'skipped', 'draft') AND (SELECT COUNT(*) FROM "
@@ -303,6 +314,13 @@ class AnnotationApp:
             "ORDER BY COALESCE(mine.status, 'open') = 'skipped', i.position LIMIT :limit",
             {"me": me, "cutoff": cutoff, "quota": self.recipe.annotators_per_item, "limit": limit}).fetchall()
         return [r["id"] for r in rows]
+
+    def taken_by_others(self, db: sqlite3.Connection, item_id: str, me: str) -> bool:
+        """Whether other annotators' answers and held drafts fill the item's quota."""
+        held = db.execute("SELECT COUNT(*) FROM annotations WHERE item_id = ? AND annotator != ? AND (status IN "
+                          "(?, ?) OR (status = 'draft' AND updated > ?))",
+                          (item_id, me, *FINISHED, since(DRAFT_HOLD))).fetchone()[0]
+        return held >= self.recipe.annotators_per_item
 
     def next_item(self, db: sqlite3.Connection, me: str) -> dict:
         """The annotator's current item (kept across reloads), else the next open one, held for them as a draft."""
@@ -329,10 +347,14 @@ class AnnotationApp:
         item_id, action = body.get("item_id"), body.get("action")
         if not isinstance(item_id, str):
             raise Refused(400, "item_id: must be the id string of the item you are annotating")
-        row = db.execute("SELECT i.payload FROM annotations a JOIN items i ON i.id = a.item_id WHERE a.item_id = ? "
-                         "AND a.annotator = ? AND a.status = 'draft'", (item_id, me)).fetchone()
+        row = db.execute("SELECT i.payload, a.updated FROM annotations a JOIN items i ON i.id = a.item_id "
+                         "WHERE a.item_id = ? AND a.annotator = ? AND a.status = 'draft'", (item_id, me)).fetchone()
         if row is None:
             raise Refused(409, f"item {item_id!r} is not the one you are annotating; reload the page")
+        if action != "skip" and row["updated"] <= since(DRAFT_HOLD) and self.taken_by_others(db, item_id, me):
+            with db:  # the idle draft stopped holding its slot, and others filled the quota meanwhile
+                db.execute("DELETE FROM annotations WHERE item_id = ? AND annotator = ?", (item_id, me))
+            raise Refused(409, f"item {item_id!r} went to others while it was left open; reload for the next one")
         count = len(json.loads(row["payload"])["responses"])
         ranking = flagged = reason = None
         if action == "submit":

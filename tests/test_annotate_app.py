@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from data_synthesis.annotate_app import (AnnotationApp, Refused, add_annotators, item_ranking, kendall_distance,
-                                         krippendorff_alpha, load_items, merge_rankings, open_database)
+                                         krippendorff_alpha, load_items, merge_rankings, open_database,
+                                         revoke_annotators)
 from qwen2_align.stage_table import load_recipe
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -114,6 +116,42 @@ def test_items_go_to_as_many_people_as_asked_and_skips_come_last(tmp_path):
         (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         assert load_items(db, recipe)[0] == 4
         assert [r[0] for r in db.execute("SELECT id FROM items ORDER BY position")] == ["q1", "q2", "q3", "q4"]
+
+
+def test_the_quota_holds_under_idle_drafts_and_revocations_and_sessions_expire(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, per_item=1))
+    app = AnnotationApp(recipe)
+    hour_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat(timespec="seconds")
+    with open_database(app.path) as db:
+        load_items(db, recipe)
+        add_annotators(db, ["alice", "bob", "carol"])
+        assert app.next_item(db, "alice")["item"]["id"] == "q1"
+        with db:  # alice leaves q1 open longer than the hold: it goes to bob, who ranks it
+            db.execute("UPDATE annotations SET updated = ? WHERE annotator = 'alice'", (hour_ago,))
+        assert app.next_item(db, "bob")["item"]["id"] == "q1"
+        app.answer(db, "bob", {"item_id": "q1", "action": "submit", "ranking": [0, 1, 2]})
+        with pytest.raises(Refused, match="went to others while it was left open") as refused:
+            app.answer(db, "alice", {"item_id": "q1", "action": "submit", "ranking": [2, 1, 0]})
+        assert refused.value.status == 409
+        assert db.execute("SELECT COUNT(*) FROM annotations WHERE item_id = 'q1' AND status = 'submitted'"
+                          ).fetchone()[0] == 1  # the quota of one, not two
+        assert app.next_item(db, "alice")["item"]["id"] == "q3"  # q2 is bob's now
+        revoke_annotators(db, ["alice"])  # her held item goes back at once
+        assert app.next_item(db, "carol")["item"]["id"] == "q3"
+        _, session = app.sign_in(db, tokens_for(db, "carol"))
+        assert app.annotator(db, session) == "carol"
+        with db:
+            db.execute("UPDATE sessions SET created = ?", ((datetime.now(timezone.utc) - timedelta(
+                hours=recipe.session_hours + 1)).isoformat(timespec="seconds"),))
+        with pytest.raises(Refused, match="session has expired"):
+            app.annotator(db, session)
+        with pytest.raises(Refused, match="sign in with your annotator token"):  # and it is gone
+            app.annotator(db, session)
+
+
+def tokens_for(db: sqlite3.Connection, name: str) -> str:
+    """A fresh token for `name` (the old one stops working), as `annotators --add` gives."""
+    return add_annotators(db, [name])[name]
 
 
 # ---- the whole app in a browser ----------------------------------------------------------------------------------
