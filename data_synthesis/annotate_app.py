@@ -444,12 +444,24 @@ def handler_for(app: AnnotationApp) -> type[http.server.BaseHTTPRequestHandler]:
             if self.path in STATIC:
                 name, content_type = STATIC[self.path]
                 self.send(200, (UI / name).read_bytes(), content_type)
-            elif self.path == "/api/next":
-                self.api(lambda db: app.next_item(db, app.annotator(db, self.session())))
+            elif self.path.startswith("/api/"):  # every API call may change state (next claims an item): POST only
+                self.send(405, b'{"error": "use POST"}', "application/json", {"Allow": "POST"})
             else:
                 self.send(404, b"not found", "text/plain")
 
+        def from_own_page(self) -> bool:
+            """Whether a browser sent this from one of the app's own pages: browsers name the sender's origin
+            (`Origin`, `Sec-Fetch-Site`) on every POST, so a page of another site or port cannot act for a
+            signed-in annotator. Clients that send neither are not browsers and carry no one's cookie by accident."""
+            site = self.headers.get("Sec-Fetch-Site")
+            origin = self.headers.get("Origin")
+            return (site is None or site == "same-origin") and (
+                origin is None or origin == f"http://{self.headers.get('Host', '')}")
+
         def do_POST(self) -> None:
+            if not self.from_own_page():
+                self.send(403, b'{"error": "requests come from the app\'s own pages only"}', "application/json")
+                return
             if self.headers.get("Content-Type", "").split(";")[0] != "application/json":
                 self.send(415, b'{"error": "send JSON"}', "application/json")
                 return
@@ -473,6 +485,8 @@ def handler_for(app: AnnotationApp) -> type[http.server.BaseHTTPRequestHandler]:
             elif self.path == "/api/sign-out":
                 self.api(lambda db: app.sign_out(db, self.session()) or {},
                          {"Set-Cookie": f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict"})
+            elif self.path == "/api/next":
+                self.api(lambda db: app.next_item(db, app.annotator(db, self.session())))
             elif self.path == "/api/answer":
                 self.api(lambda db: app.answer(db, app.annotator(db, self.session()), body))
             else:

@@ -361,8 +361,20 @@ def test_bad_clients_get_one_json_answer_and_store_nothing(tmp_path):
         cookie = answer.split(b"Set-Cookie: ", 1)[1].split(b";", 1)[0].decode()
         status, body = _raw(port, f"GET /api/next HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n"
                                   "Connection: close\r\n\r\n".encode())
-        shown = json.loads(body)["item"]
-        assert status == 200 and shown["id"] == "q1"
+        assert status == 405  # a GET changes nothing: it claims no item
+        assert sqlite3.connect(tmp_path / "run" / "annotations.sqlite").execute(
+            "SELECT COUNT(*) FROM annotations").fetchone()[0] == 0
+        # another site, or another port of this host, cannot act with the annotator's cookie
+        own = f"Host: 127.0.0.1:{port}\r\nCookie: {cookie}\r\nContent-Type: application/json\r\n"
+        for sender in (f"Origin: http://127.0.0.1:{port + 1}", "Origin: http://evil.example",
+                       "Sec-Fetch-Site: same-site", "Sec-Fetch-Site: cross-site"):
+            status, _ = _raw(port, f"POST /api/next HTTP/1.1\r\n{own}{sender}\r\nContent-Length: 2\r\n"
+                                   "Connection: close\r\n\r\n{}".encode())
+            assert status == 403, sender
+        status, body = _raw(port, f"POST /api/next HTTP/1.1\r\n{own}Origin: http://127.0.0.1:{port}\r\n"
+                                  "Sec-Fetch-Site: same-origin\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+                                  .encode())
+        assert status == 200 and json.loads(body)["item"]["id"] == "q1"
 
         def answer_with(payload: dict) -> tuple[int, dict]:
             status, body = _post(port, "/api/answer", json.dumps(payload).encode(), cookie)

@@ -108,7 +108,7 @@ async function answer(body) {
 }
 
 async function load() {
-  const { status, data } = await call("/api/next");
+  const { status, data } = await call("/api/next", {});
   if (status === 401) return signedOut("");
   if (status !== 200) return say(data.error);
   render(data);
