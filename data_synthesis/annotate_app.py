@@ -25,6 +25,7 @@ response indices both have.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import http.server
 import json
 import os
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     status TEXT NOT NULL CHECK (status IN ('draft', 'skipped', 'submitted', 'discarded')),
     ranking TEXT, flagged TEXT, reason TEXT, updated TEXT NOT NULL,
     PRIMARY KEY (item_id, annotator));
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -88,6 +90,8 @@ def open_database(path: Path) -> sqlite3.Connection:
     db = connect(path)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(SCHEMA)
+    with db:  # the key of each annotator's response order (`AnnotationApp.shown_order`), made once per database
+        db.execute("INSERT OR IGNORE INTO secrets VALUES ('blinding', ?)", (secrets.token_hex(32),))
     return db
 
 
@@ -315,6 +319,15 @@ class AnnotationApp:
             {"me": me, "cutoff": cutoff, "quota": self.recipe.annotators_per_item, "limit": limit}).fetchall()
         return [r["id"] for r in rows]
 
+    def shown_order(self, db: sqlite3.Connection, me: str, item_id: str, count: int) -> list[int]:
+        """The responses' order for this annotator: the browser knows a response only by its place in it, so
+        nobody can tell which model or strategy wrote which (index 0 is often the greedy one), and no position
+        bias is shared by all annotators. Keyed by the database's secret: the order cannot be recomputed."""
+        key = db.execute("SELECT value FROM secrets WHERE name = 'blinding'").fetchone()[0]
+        order = list(range(count))
+        random.Random(hmac.new(key.encode(), f"{me}\0{item_id}".encode(), hashlib.sha256).hexdigest()).shuffle(order)
+        return order
+
     def taken_by_others(self, db: sqlite3.Connection, item_id: str, me: str) -> bool:
         """Whether other annotators' answers and held drafts fill the item's quota."""
         held = db.execute("SELECT COUNT(*) FROM annotations WHERE item_id = ? AND annotator != ? AND (status IN "
@@ -336,10 +349,10 @@ class AnnotationApp:
         shown = None
         if item_id is not None:
             item = json.loads(db.execute("SELECT payload FROM items WHERE id = ?", (item_id,)).fetchone()[0])
-            order = list(range(len(item["responses"])))
-            random.Random(f"{me}/{item_id}").shuffle(order)  # no position bias shared by all annotators
+            order = self.shown_order(db, me, item_id, len(item["responses"]))
             shown = {"id": item_id, "prompt": [{"role": m["role"], "content": m["content"]} for m in item["prompt"]],
-                     "responses": [{"index": i, "content": item["responses"][i]["content"]} for i in order]}
+                     "responses": [{"index": place, "content": item["responses"][i]["content"]}
+                                   for place, i in enumerate(order)]}
         return {"annotator": me, "item": shown, "progress": self.progress(db, me)}
 
     def answer(self, db: sqlite3.Connection, me: str, body: dict) -> dict:
@@ -366,7 +379,9 @@ class AnnotationApp:
                     or not usable):
                 raise Refused(400, "ranking: rank every response not marked unusable, each once "
                                    "(to reject all of them, discard the item)")
-            ranking, flagged = json.dumps(ranking + sorted(set(flagged))), json.dumps(sorted(set(flagged)))
+            order = self.shown_order(db, me, item_id, count)  # places in the shown order -> the responses' indices
+            ranking, flagged = [order[place] for place in ranking], sorted({order[place] for place in flagged})
+            ranking, flagged = json.dumps(ranking + flagged), json.dumps(flagged)
         elif action == "discard":
             reason = body.get("reason") or ""
             if not isinstance(reason, str):

@@ -149,6 +149,36 @@ def test_the_quota_holds_under_idle_drafts_and_revocations_and_sessions_expire(t
             app.annotator(db, session)
 
 
+def test_the_browser_sees_responses_only_by_their_place_in_a_keyed_order(tmp_path):
+    """Blinding: the page gets places 0..n-1 in each annotator's own order, never the responses' indices (index 0
+    is the greedy response of every item); the order comes from the database's secret, and rankings of places are
+    stored as rankings of the responses."""
+    names = [f"annotator{i}" for i in range(8)]
+    orders = []
+    for copy in ("a", "b"):  # two databases: two secrets
+        (tmp_path / copy).mkdir()
+        recipe = load_recipe(write_recipe(tmp_path / copy, per_item=8))
+        app = AnnotationApp(recipe)
+        with open_database(app.path) as db:
+            load_items(db, recipe)
+            add_annotators(db, names)
+            contents = [r["content"] for r in ITEMS[0]["responses"]]
+            seen = {}
+            for name in names:
+                shown = app.next_item(db, name)["item"]
+                assert shown["id"] == "q1" and [r["index"] for r in shown["responses"]] == [0, 1, 2]
+                seen[name] = [contents.index(r["content"]) for r in shown["responses"]]
+                assert sorted(seen[name]) == [0, 1, 2]
+            orders.append(seen)
+            # a ranking of places is stored as a ranking of the responses they show
+            app.answer(db, names[0], {"item_id": "q1", "action": "submit", "ranking": [2, 0], "flagged": [1]})
+            stored = db.execute("SELECT ranking, flagged FROM annotations WHERE annotator = ?", (names[0],)).fetchone()
+            order = seen[names[0]]
+            assert json.loads(stored[0]) == [order[2], order[0], order[1]] and json.loads(stored[1]) == [order[1]]
+    assert len({tuple(o) for o in orders[0].values()}) > 1  # annotators see different orders
+    assert orders[0] != orders[1]  # and another database's secret gives other orders
+
+
 def tokens_for(db: sqlite3.Connection, name: str) -> str:
     """A fresh token for `name` (the old one stops working), as `annotators --add` gives."""
     return add_annotators(db, [name])[name]
@@ -179,7 +209,11 @@ def wait_for(port: int, server: subprocess.Popen, log: Path) -> None:
 
 
 def card(page, index: int):
-    return page.locator(f'.response[data-index="{index}"]')
+    """The card of the current item's response `index` (of ITEMS), found by its text: the page knows responses only
+    by their place in this annotator's order."""
+    item_id = current_item(page)
+    content = next(r for r in ITEMS if r["id"] == item_id)["responses"][index]["content"]
+    return page.locator(".response").filter(has=page.locator(".text").get_by_text(content, exact=True))
 
 
 def sign_in(page, url: str, token: str) -> None:
