@@ -196,6 +196,13 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen2_align.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def start_server(recipe: Path, log: Path) -> subprocess.Popen:
+    """`qwen2-align annotate` serving the people's app, its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 def wait_for(port: int, server: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -243,9 +250,7 @@ def test_people_rank_in_chromium_and_the_export_matches_the_clicks(tmp_path):
     assert made.returncode == 0, made.stderr
     tokens = dict(line.split("\t") for line in made.stdout.splitlines() if "\t" in line)
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+    server = start_server(recipe, log)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for(port, server, log)
@@ -380,9 +385,7 @@ def test_bad_clients_get_one_json_answer_and_store_nothing(tmp_path):
     made = cli("annotators", "--recipe", str(recipe), "--add", "alice")
     token = dict(line.split("\t") for line in made.stdout.splitlines() if "\t" in line)["alice"]
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+    server = start_server(recipe, log)
     try:
         wait_for(port, server, log)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # the session cookie of a sign-in
@@ -451,9 +454,7 @@ def test_silent_connections_time_out_and_cannot_take_every_thread(tmp_path):
     recipe = write_recipe(tmp_path, per_item=1, port=port)
     recipe.write_text(recipe.read_text() + "request_timeout_s: 2\nmax_connections: 3\n")
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "qwen2_align.cli", "annotate", "--recipe", str(recipe)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+    server = start_server(recipe, log)
     try:
         wait_for(port, server, log)
         time.sleep(0.5)  # wait_for's probe connection has gone
