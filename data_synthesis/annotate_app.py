@@ -53,6 +53,10 @@ SESSION_COOKIE = "qwen2_align_session"
 MAX_BODY_BYTES = 64 * 1024  # the largest answer (a ranking and a discard reason) is far smaller
 CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 FINISHED = ("submitted", "discarded")
+# How many others answered item i or hold it now (a draft younger than the hold): what its quota counts.
+HELD_BY_OTHERS = ("(SELECT COUNT(*) FROM annotations other WHERE other.item_id = i.id AND other.annotator != :me "
+                  "AND (other.status IN ('submitted', 'discarded') OR (other.status = 'draft' "
+                  "AND other.updated > :cutoff)))")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -309,15 +313,16 @@ class AnnotationApp:
 
     def open_items(self, db: sqlite3.Connection, me: str, limit: int = -1) -> list[str]:
         """Items this annotator may take: not finished by them, their quota not filled by others; skipped last."""
-        cutoff = since(DRAFT_HOLD)
         rows = db.execute(
             "SELECT i.id FROM items i LEFT JOIN annotations mine ON mine.item_id = i.id AND mine.annotator = :me "
-            "WHERE COALESCE(mine.status, 'open') IN ('open', 'skipped', 'draft') AND (SELECT COUNT(*) FROM "
-            "annotations other WHERE other.item_id = i.id AND other.annotator != :me AND (other.status IN "
-            "('submitted', 'discarded') OR (other.status = 'draft' AND other.updated > :cutoff))) < :quota "
+            f"WHERE COALESCE(mine.status, 'open') IN ('open', 'skipped', 'draft') AND {HELD_BY_OTHERS} < :quota "
             "ORDER BY COALESCE(mine.status, 'open') = 'skipped', i.position LIMIT :limit",
-            {"me": me, "cutoff": cutoff, "quota": self.recipe.annotators_per_item, "limit": limit}).fetchall()
+            self.held_parameters(me) | {"limit": limit}).fetchall()
         return [r["id"] for r in rows]
+
+    def held_parameters(self, me: str) -> dict[str, Any]:
+        """The parameters of `HELD_BY_OTHERS` and its quota."""
+        return {"me": me, "cutoff": since(DRAFT_HOLD), "quota": self.recipe.annotators_per_item}
 
     def shown_order(self, db: sqlite3.Connection, me: str, item_id: str, count: int) -> list[int]:
         """The responses' order for this annotator: the browser knows a response only by its place in it, so
@@ -330,10 +335,8 @@ class AnnotationApp:
 
     def taken_by_others(self, db: sqlite3.Connection, item_id: str, me: str) -> bool:
         """Whether other annotators' answers and held drafts fill the item's quota."""
-        held = db.execute("SELECT COUNT(*) FROM annotations WHERE item_id = ? AND annotator != ? AND (status IN "
-                          "(?, ?) OR (status = 'draft' AND updated > ?))",
-                          (item_id, me, *FINISHED, since(DRAFT_HOLD))).fetchone()[0]
-        return held >= self.recipe.annotators_per_item
+        query = f"SELECT {HELD_BY_OTHERS} >= :quota FROM items i WHERE i.id = :item"
+        return bool(db.execute(query, self.held_parameters(me) | {"item": item_id}).fetchone()[0])
 
     def next_item(self, db: sqlite3.Connection, me: str) -> dict:
         """The annotator's current item (kept across reloads), else the next open one, held for them as a draft."""
@@ -416,8 +419,9 @@ class CappedServer(http.server.ThreadingHTTPServer):
     clients that open connections and send nothing cannot take every thread."""
 
     daemon_threads = True
-    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 31\r\n"
-            b"Connection: close\r\n\r\n{\"error\": \"the server is busy\"}")
+    BUSY_BODY = b'{"error": "the server is busy"}'
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
 
     def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
         super().__init__(address, handler)

@@ -138,7 +138,7 @@ def test_the_quota_holds_under_idle_drafts_and_revocations_and_sessions_expire(t
         assert app.next_item(db, "alice")["item"]["id"] == "q3"  # q2 is bob's now
         revoke_annotators(db, ["alice"])  # her held item goes back at once
         assert app.next_item(db, "carol")["item"]["id"] == "q3"
-        _, session = app.sign_in(db, tokens_for(db, "carol"))
+        _, session = app.sign_in(db, add_annotators(db, ["carol"])["carol"])  # a fresh token
         assert app.annotator(db, session) == "carol"
         with db:
             db.execute("UPDATE sessions SET created = ?", ((datetime.now(timezone.utc) - timedelta(
@@ -177,11 +177,6 @@ def test_the_browser_sees_responses_only_by_their_place_in_a_keyed_order(tmp_pat
             assert json.loads(stored[0]) == [order[2], order[0], order[1]] and json.loads(stored[1]) == [order[1]]
     assert len({tuple(o) for o in orders[0].values()}) > 1  # annotators see different orders
     assert orders[0] != orders[1]  # and another database's secret gives other orders
-
-
-def tokens_for(db: sqlite3.Connection, name: str) -> str:
-    """A fresh token for `name` (the old one stops working), as `annotators --add` gives."""
-    return add_annotators(db, [name])[name]
 
 
 # ---- the whole app in a browser ----------------------------------------------------------------------------------
