@@ -4,8 +4,9 @@ Every task is a prompt row; its tests (Python `assert` code) come with it in `me
 when it has none, the teacher writes them in a separate generation (`TESTS_PROMPT`). The teacher
 then writes `generation.n` solutions; the code of each (`extract_code`: the last fenced block,
 else the whole reply) runs with the tests in `reward.sandbox` (bubblewrap), never in this process,
-`workers` at a time, each under the recipe's `timeout_s` and `memory_mb`. A solution passes when
-the program exits 0 and reaches the end of the tests (a solution that exits early does not pass).
+`sandbox.workers` at a time, each under `sandbox.timeout_s` and `sandbox.memory_mb`. A solution passes when
+every test ran to the end (`reward.code`: the tests run in a process of their own, so nothing the solution
+does can forge that verdict; a solution that exits early does not pass).
 Passing solutions, deduplicated, become demonstrations (D); passing vs failing solutions become
 preference pairs (P). When every solution fails tests the model wrote, the tests are suspect:
 the task goes to `suspect_tests.jsonl` and gives no pairs (the solutions are not blamed). Every
@@ -41,7 +42,7 @@ from alignment.stages import Outcome, ShardContext, StageError, StageRecipe
 from reward.code import extract_code, run_solutions, task_tests
 from reward.constraints import (SEED_KINDS, CheckerVerdicts, Constraint, ConstraintError, constrained_prompt,
                                 constraints_from_specs, draw_constraints, run_checkers)
-from reward.sandbox import sandbox_unavailable_reason
+from reward.sandbox import SandboxSpec, check_sandbox
 
 from .generate import GeneratingStage, lineage
 
@@ -206,13 +207,11 @@ class ExecutionRecipe(StageRecipe):
     instruction_following: inputs.tasks (prompts, constraints in meta.constraints or drawn from the seed
     kinds of reward.constraints) -> responses checked by constraint checkers in the sandbox, those passing
     every checker to D, chosen (pass rate >= chosen_min_pass_rate) vs rejected (pass rate 0) to P. The fields
-    after `workers` apply to instruction_following only; set under kind code they are refused."""
+    after `sandbox` apply to instruction_following only; set under kind code they are refused."""
 
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     kind: Literal["code", "instruction_following"] = "code"
-    timeout_s: float = 10.0  # code: per solution; instruction_following: per checker over all its texts
-    memory_mb: int = 512  # per sandbox process, address space
-    workers: int = 2  # sandboxes run at once (size it to the cores)
+    sandbox: SandboxSpec = field(default_factory=SandboxSpec)  # code: timeout_s per solution; else per checker
     constraints_per_prompt: int = 2  # drawn per prompt without meta.constraints, from the seed and the row id
     constraint_kinds: list[str] = field(default_factory=list)  # seed kinds to draw from; empty = all
     teacher_checkers: int = 0  # checkers (with test cases) the teacher writes per constraint, AutoIF's way
@@ -221,9 +220,6 @@ class ExecutionRecipe(StageRecipe):
     chosen_min_pass_rate: float = 0.5  # a chosen response passes at least this share of the checkers
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "memory_mb", "workers"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.kind == "code":
             defaults = ExecutionRecipe.__dataclass_fields__
             for name in ("constraints_per_prompt", "constraint_kinds", "teacher_checkers", "checker_min_accuracy",
@@ -252,10 +248,8 @@ class ExecutionStage(GeneratingStage):
     outputs = ("demonstrations", "preferences", "scores", "suspect_tests")
 
     def setup(self, side_inputs: dict[str, list[dict]]) -> None:
-        problem = sandbox_unavailable_reason()
-        if problem is not None:  # refuse before loading the model: model-written code never runs uncontained
-            raise StageError(f"execution: the code sandbox cannot run here ({problem}); "
-                             "install bubblewrap (apt-get install bubblewrap)")
+        if (problem := check_sandbox(self.recipe.sandbox)) is not None:  # refused before the model loads
+            raise StageError(f"execution: the code sandbox cannot run here: {problem}")
         self.executions, self.sandbox_wall_s = 0, 0.0
         super().setup(side_inputs)
 
@@ -283,8 +277,7 @@ class ExecutionStage(GeneratingStage):
         replies = {i: [c.text for c in completions] for i, completions in zip(runnable, sampled)}
         jobs = [(i, reply) for i in runnable for reply in replies[i]]
         start = time.monotonic()
-        verdicts, batch = run_solutions([(reply, tests[i]) for i, reply in jobs], workers=recipe.workers,
-                                        timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb)
+        verdicts, batch = run_solutions([(reply, tests[i]) for i, reply in jobs], recipe.sandbox)
         self._counted(len(jobs), start)
         results = iter(zip(verdicts, batch.results))
         outcomes: list[Outcome] = []
@@ -323,8 +316,7 @@ class ExecutionStage(GeneratingStage):
         jobs = [([code for check in checks[i] for code in check.checkers],
                  replies[i] + [text for check in checks[i] for text, _ in check.cases]) for i in constraints]
         start = time.monotonic()
-        verdicts, _ = run_checkers(jobs, workers=recipe.workers, checker_timeout_s=recipe.timeout_s,
-                                   memory_mb=recipe.memory_mb)
+        verdicts, _ = run_checkers(jobs, recipe.sandbox)
         self._counted(len(jobs), start)
         for i, judged in zip(constraints, verdicts):
             outcomes[i] = self._instruction_rows(rows[i], prompts[i], checks[i], replies[i], judged, ctx.seed)

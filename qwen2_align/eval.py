@@ -57,7 +57,7 @@ from alignment.stages import Run, Stage, StageError
 from alignment.tokenizer import load_tokenizer
 from reward.code import run_solutions, task_tests
 from reward.constraints import ConstraintError, constrained_prompt, constraints_from_specs, run_checkers
-from reward.sandbox import sandbox_unavailable_reason
+from reward.sandbox import SandboxSpec, check_sandbox
 from reward.verifiers import math_equal
 
 # Task input name -> row kind; the first three are answered by the models, base_text is read.
@@ -83,20 +83,6 @@ class EvalModel:
             raise ValueError(f"name: letters, digits, ., - or _ (it names directories), got {self.name!r}")
         if not self.path:
             raise ValueError("path: name a checkpoint directory or Hub id")
-
-
-@dataclass
-class SandboxSpec:
-    """How model-written code and the constraint checkers run (reward.sandbox)."""
-
-    timeout_s: float = 10.0  # code: per reply; constraints: per checker
-    memory_mb: int = 512
-    workers: int = 2  # sandboxes at once (size it to the cores)
-
-    def __post_init__(self) -> None:
-        for name in ("timeout_s", "memory_mb", "workers"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -292,8 +278,7 @@ def score_arithmetic(task: Task, replies: list[str], sandbox: SandboxSpec) -> tu
 def score_code(task: Task, replies: list[str], sandbox: SandboxSpec) -> tuple[dict, dict, list[dict]]:
     """pass@1: each reply's code with its row's tests in the sandbox; passed when every test ran."""
 
-    verdicts, batch = run_solutions(list(zip(replies, task.references)), workers=sandbox.workers,
-                                    timeout_s=sandbox.timeout_s, memory_mb=sandbox.memory_mb)
+    verdicts, batch = run_solutions(list(zip(replies, task.references)), sandbox)
     samples = [{"id": row["id"], "prompt": prompt, "reply": reply, "verdict": ok, "status": result.status}
                for row, prompt, reply, ok, result in zip(task.rows, task.prompts, replies, verdicts, batch.results)]
     statuses: dict[str, int] = {}
@@ -307,8 +292,7 @@ def score_constraints(task: Task, replies: list[str], sandbox: SandboxSpec) -> t
     """Each reply against its constraints' trusted checkers, one sandbox job per reply."""
 
     jobs = [([c.checker for c in constraints], [reply]) for constraints, reply in zip(task.references, replies)]
-    verdicts, _ = run_checkers(jobs, workers=sandbox.workers, checker_timeout_s=sandbox.timeout_s,
-                               memory_mb=sandbox.memory_mb)
+    verdicts, _ = run_checkers(jobs, sandbox)
     by_kind: dict[str, list[bool]] = {}
     samples = []
     for row, prompt, reply, constraints, judged in zip(task.rows, task.prompts, replies, task.references, verdicts):
@@ -556,9 +540,8 @@ class EvalStage(Stage):
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Run, resume or skip an evaluation; returns the manifest."""
     files = _check_models(recipe)
-    if any(t in recipe.inputs for t in ("code", "constraints")) and (problem := sandbox_unavailable_reason()):
-        raise StageError(f"eval: the code sandbox cannot run here ({problem}); install bubblewrap "
-                         "(apt-get install bubblewrap)")
+    if any(t in recipe.inputs for t in ("code", "constraints")) and (problem := check_sandbox(recipe.sandbox)):
+        raise StageError(f"eval: the code sandbox cannot run here: {problem}")
     if recipe.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
         raise StageError("eval: lm_eval: lm-eval is not installed (pip install lm-eval), or set lm_eval: null")
     start = Run.start("eval", recipe, list(recipe.inputs), files)

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .sandbox import BatchResult, Program, SandboxResult, run_many
+from .sandbox import BatchResult, Program, SandboxResult, SandboxSpec, run_many
 
 Validator = Callable[[object], str | None]  # a problem with a parameter's value, None when it is fine
 RELATIONS = ("at least", "at most")
@@ -465,13 +465,15 @@ def parse_verdicts(result: SandboxResult, marker: str, checkers: int, inputs: in
     return CheckerVerdicts([[False] * inputs for _ in range(checkers)], [f"job {status}"] * checkers, status)
 
 
-def run_checkers(jobs: list[tuple[list[str], list[str]]], *, workers: int, checker_timeout_s: float,
-                 memory_mb: int) -> tuple[list[CheckerVerdicts], BatchResult]:
-    """Run (checkers, inputs) jobs in the sandbox, `workers` at a time; verdicts in job order."""
+def run_checkers(jobs: list[tuple[list[str], list[str]]], sandbox: SandboxSpec
+                 ) -> tuple[list[CheckerVerdicts], BatchResult]:
+    """Run (checkers, inputs) jobs in the sandbox, `sandbox.workers` at a time, each checker under
+    `sandbox.timeout_s`; verdicts in job order."""
     marker = f"verdicts-{uuid.uuid4().hex}:"
     longest = max((len(checkers) for checkers, _ in jobs), default=0)
-    batch = run_many([checker_program(checkers, inputs, marker, checker_timeout_s) for checkers, inputs in jobs],
-                     workers=workers, timeout_s=checker_timeout_s * longest + JOB_OVERHEAD_S, memory_mb=memory_mb)
+    batch = run_many([checker_program(checkers, inputs, marker, sandbox.timeout_s) for checkers, inputs in jobs],
+                     workers=sandbox.workers, timeout_s=sandbox.timeout_s * longest + JOB_OVERHEAD_S,
+                     memory_mb=sandbox.memory_mb, accept_weaker=sandbox.accept_weaker)
     return [parse_verdicts(result, marker, len(checkers), len(inputs))
             for result, (checkers, inputs) in zip(batch.results, jobs)], batch
 

@@ -14,10 +14,11 @@ from alignment.recipe_loader import RecipeError
 from alignment.stages import StageError
 from alignment.tokenizer import load_tokenizer
 from qwen2_align.cli import main
-from qwen2_align.eval import (SandboxSpec, arithmetic_correct, models_override, read_task, score_arithmetic, score_code,
+from qwen2_align.eval import (arithmetic_correct, models_override, read_task, score_arithmetic, score_code,
                               score_constraints, text_nll)
 from qwen2_align.stage_table import load_recipe, run
 from reward import sandbox
+from reward.sandbox import SandboxSpec
 
 needs_bwrap = pytest.mark.skipif(sandbox.sandbox_unavailable_reason() is not None,
                                  reason=f"sandbox unavailable: {sandbox.sandbox_unavailable_reason()}")

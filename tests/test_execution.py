@@ -15,8 +15,8 @@ from alignment.stages import ShardContext
 from data_synthesis.execution import TESTS_PROMPT, ExecutionStage, execution_rows, judge_solutions
 from qwen2_align.stage_table import load_recipe, run
 from reward import sandbox
-from reward.code import extract_code, solution_passed, solution_program
-from reward.sandbox import run_many
+from reward.code import extract_code, run_solutions
+from reward.sandbox import SandboxSpec
 
 needs_bwrap = pytest.mark.skipif(sandbox.sandbox_unavailable_reason() is not None,
                                  reason=f"sandbox unavailable: {sandbox.sandbox_unavailable_reason()}")
@@ -44,12 +44,12 @@ def test_extract_code_takes_the_last_python_block_else_any_block_else_the_reply(
 
 
 def _run(replies, tests=TESTS, timeout_s=5.0):
-    marker = "marker-123"
     start = time.monotonic()
-    batch = run_many([solution_program(extract_code(r), tests, marker) for r in replies], workers=2,
-                     timeout_s=timeout_s, memory_mb=256)
-    return [solution_passed(r, marker) for r in batch.results], [r.status for r in batch.results], \
-        time.monotonic() - start
+    verdicts, batch = run_solutions([(reply, tests) for reply in replies],
+                                    SandboxSpec(timeout_s=timeout_s, memory_mb=256, workers=2))
+    for reply, result in zip(replies, batch.results):
+        print(f"{reply[:40]!r}: {result.status} {result.stdout[-60:]!r} {result.stderr[-300:]!r}")
+    return verdicts, [r.status for r in batch.results], time.monotonic() - start
 
 
 @needs_bwrap
@@ -62,6 +62,80 @@ def test_solutions_run_with_their_tests_in_the_sandbox():
     assert _run([RIGHT], tests="assert add(2, 2) == 5\n")[0] == [False]
     # the code runs in the sandbox, not here: the pipeline's files are out of its reach
     assert _run(["```python\nopen('/work/main/README.md').read()\ndef add(a, b):\n    return a + b\n```"])[0] == [False]
+
+
+# Each forges a pass on a runner that executes the tests in the solution's own process with the marker in a file
+# beside it (the runner before issue 24): reading the marker, replacing a builtin, an object equal to everything.
+READS_THE_MARKER = """```python
+import glob, os, re
+def add(a, b):
+    return 0
+seen = " ".join(open(path, errors="replace").read() for path in glob.glob("/sandbox/*") + ["/proc/1/cmdline"])
+for path in ("/proc/1/fd/0", "/proc/1/mem", "/proc/1/environ"):
+    try:
+        seen += open(path, "rb").read(4096).decode(errors="replace")
+    except OSError as error:
+        print("refused", path, error)
+found = re.findall(r"all tests ran [0-9a-f]{32}", seen)
+print("found", found)
+if found:
+    print(found[0], flush=True)
+    os._exit(0)
+```"""
+REPLACES_EXEC = """```python
+import builtins
+builtins.exec = lambda *args, **kwargs: None
+builtins.AssertionError = type("Unraised", (BaseException,), {})
+def add(a, b):
+    return 0
+```"""
+EQUALS_EVERYTHING = """```python
+class Anything(int):
+    def __eq__(self, other):
+        return True
+    __hash__ = int.__hash__
+def add(a, b):
+    return Anything(0)
+```"""
+# What honest solutions do beyond returning numbers: objects with methods, generators, the exceptions tests expect.
+OBJECTS = """```python
+class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, item):
+        self.items.append(item)
+    def pop(self):
+        return self.items.pop()
+    def __len__(self):
+        return len(self.items)
+def add(a, b):
+    return a + b
+def evens(n):
+    yield from (i for i in range(n) if i % 2 == 0)
+def parse(text):
+    return {"words": tuple(text.split()), "chars": set(text), "raw": text.encode(), "ratio": len(text) / 4}
+```"""
+OBJECT_TESTS = TESTS + """stack = Stack()
+stack.push(4)
+stack.push(5)
+assert len(stack) == 2 and stack.pop() == 5 and stack.items == [4]
+assert list(evens(5)) == [0, 2, 4]
+assert parse("a b") == {"words": ("a", "b"), "chars": {"a", " ", "b"}, "raw": b"a b", "ratio": 0.75}
+try:
+    Stack().pop()
+except IndexError:
+    pass
+else:
+    raise AssertionError("no IndexError")
+"""
+
+
+@needs_bwrap
+def test_a_solution_cannot_forge_its_verdict():
+    verdicts, statuses, _ = _run([READS_THE_MARKER, REPLACES_EXEC, EQUALS_EVERYTHING, RIGHT])
+    assert verdicts == [False, False, False, True], statuses
+    assert _run([OBJECTS], tests=OBJECT_TESTS)[0] == [True]  # the tests still reach what honest code returns
+    assert _run([OBJECTS], tests=OBJECT_TESTS.replace("[0, 2, 4]", "[0, 2]"))[0] == [False]
 
 
 def test_d_and_p_rows_from_judged_solutions(tmp_path):
@@ -107,7 +181,7 @@ def test_bad_code_recipes_are_refused(tmp_path):
         assert load_recipe(f"recipes/{preset}/execution.yaml").kind == "code"
     path = tmp_path / "execution.yaml"
     for change, expected in (({"teacher_checkers": 2}, "teacher_checkers: applies to kind instruction_following only"),
-                             ({"workers": 0}, "workers: must be > 0")):
+                             ({"sandbox": {"workers": 0}}, "workers: must be > 0")):
         path.write_text(yaml.safe_dump(data | change))
         with pytest.raises(RecipeError, match=expected) as e:
             load_recipe(path)
@@ -139,8 +213,8 @@ class _Scripted:
 
 def _recipe(tmp_path, model, n, **extra) -> dict:
     return {"stage": "execution", "run_dir": str(tmp_path / "run"), "seed": 0, "shard_size": 3,
-            "inputs": {"tasks": str(tmp_path / "tasks.jsonl")}, "kind": "code", "timeout_s": 2.0,
-            "memory_mb": 256, "workers": 2,
+            "inputs": {"tasks": str(tmp_path / "tasks.jsonl")}, "kind": "code",
+            "sandbox": {"timeout_s": 2.0, "memory_mb": 256, "workers": 2},
             "generation": {"backend": "transformers", "model": str(model), "dtype": "float32", "n": n,
                            "temperature": 1.0, "max_new_tokens": 8}, **extra}
 

@@ -15,6 +15,7 @@ from data_synthesis.execution import (ExecutionStage, constraint_checks, cross_v
                                       select_responses, teacher_checker)
 from qwen2_align.stage_table import load_recipe, run
 from reward import sandbox
+from reward.sandbox import SandboxSpec
 from reward.constraints import (SEED_KINDS, CheckerVerdicts, ConstraintError, constrained_prompt, constraint_from_spec,
                                 constraints_from_specs, draw_constraints, make_constraint, run_checkers)
 
@@ -30,7 +31,7 @@ NOT_BOOL = "def evaluate(response):\n    return int(',' not in response)\n"
 
 
 def _judge(checkers, texts, timeout=2.0):
-    [verdicts], _ = run_checkers([(checkers, texts)], workers=1, checker_timeout_s=timeout, memory_mb=256)
+    [verdicts], _ = run_checkers([(checkers, texts)], SandboxSpec(timeout_s=timeout, memory_mb=256, workers=1))
     return verdicts
 
 
@@ -183,8 +184,8 @@ def test_d_and_p_by_pass_rate_on_hand_built_verdicts(tmp_path):
 
 def _recipe(tmp_path, **extra) -> dict:
     return {"stage": "execution", "run_dir": str(tmp_path / "run"), "seed": 0, "shard_size": 2,
-            "inputs": {"tasks": str(tmp_path / "tasks.jsonl")}, "kind": "instruction_following", "timeout_s": 2.0,
-            "memory_mb": 256, "workers": 2,
+            "inputs": {"tasks": str(tmp_path / "tasks.jsonl")}, "kind": "instruction_following",
+            "sandbox": {"timeout_s": 2.0, "memory_mb": 256, "workers": 2},
             "generation": {"backend": "transformers", "model": str(tmp_path / "init"), "dtype": "float32", "n": 2,
                            "temperature": 1.0, "max_new_tokens": 8}, **extra}
 

@@ -4,6 +4,7 @@ Each escape attempt is its own test and prints the status the sandbox gave it (`
 
 from __future__ import annotations
 
+import platform
 import socket
 import subprocess
 import textwrap
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from reward import sandbox
-from reward.sandbox import OUTPUT_LIMIT_BYTES, SandboxResult, SandboxUnavailable, run_many, run_python
+from reward.sandbox import (OPEN_FILE_LIMIT, OUTPUT_LIMIT_BYTES, Protections, SandboxResult, SandboxSpec,
+                            SandboxUnavailable, check_sandbox, run_many, run_python)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,7 +224,7 @@ def test_files_cannot_name_paths_outside_the_working_dir():
 
 def test_refuses_without_bubblewrap_unless_told_unsafe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without bwrap
-    monkeypatch.setattr(sandbox, "_warned_unsafe", False)
+    monkeypatch.setattr(sandbox, "_warned", set())
     sandbox.sandbox_unavailable_reason.cache_clear()
     try:
         with pytest.raises(SandboxUnavailable, match="bubblewrap"):
@@ -233,3 +235,146 @@ def test_refuses_without_bubblewrap_unless_told_unsafe(tmp_path: Path, monkeypat
         assert result.passed and result.stdout == "ab\n"
     finally:
         sandbox.sandbox_unavailable_reason.cache_clear()
+
+
+# Attaches to the sandbox's PID 1 with ptrace and makes it clear its own parent-death signal (prctl run by
+# single-stepping its syscall instruction with our registers), so that killing bwrap no longer ends the
+# namespace; when the program itself is PID 1, it clears its own. Then it leaves a sleeper and sleeps.
+ESCAPE = r"""
+import ctypes, os, subprocess, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+PEEKTEXT, SINGLESTEP, GETREGS, SETREGS, ATTACH, DETACH, ALL_CHILDREN = 1, 9, 12, 13, 16, 17, 0x40000000
+PR_SET_PDEATHSIG, SYS_PRCTL = 1, 157
+
+class Registers(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_ulonglong) for name in (
+        "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss fs_base "
+        "gs_base ds es fs gs").split()]
+
+def clear_parent_death_signal_of(pid):
+    if libc.ptrace(ATTACH, pid, None, None) != 0:
+        return f"ptrace refused, errno {ctypes.get_errno()}"
+    os.waitpid(pid, ALL_CHILDREN)
+    saved = Registers()
+    libc.ptrace(GETREGS, pid, None, ctypes.byref(saved))
+    if libc.ptrace(PEEKTEXT, pid, ctypes.c_void_p(saved.rip - 2), None) & 0xFFFF != 0x050F:
+        libc.ptrace(DETACH, pid, None, None)
+        return "not stopped after a syscall instruction"
+    regs = Registers.from_buffer_copy(saved)
+    regs.rip, regs.rax, regs.orig_rax, regs.rdi, regs.rsi = saved.rip - 2, SYS_PRCTL, 2**64 - 1, PR_SET_PDEATHSIG, 0
+    libc.ptrace(SETREGS, pid, None, ctypes.byref(regs))
+    libc.ptrace(SINGLESTEP, pid, None, None)
+    os.waitpid(pid, ALL_CHILDREN)
+    libc.ptrace(SETREGS, pid, None, ctypes.byref(saved))
+    libc.ptrace(DETACH, pid, None, None)
+    return "cleared by ptrace"
+
+if os.getpid() == 1:
+    print("PID 1 clears its own:", libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0), flush=True)
+    with subprocess.Popen(["python3", "-c", "import os; os.kill(os.getpid(), 19)"]) as child:
+        pass
+else:
+    print(clear_parent_death_signal_of(1), flush=True)
+subprocess.Popen(["sh", "-c", "sleep 300", "MARKER"])
+time.sleep(300)
+"""
+
+
+def sandbox_processes() -> list[str]:
+    """Processes of any sandbox still running: bwrap and everything run as the sandbox user."""
+    users = ["-u", str(sandbox.NOBODY)] if sandbox._sandbox_user() is not None else []
+    return subprocess.run(["pgrep", *users, "-f", "bwrap|sandbox-test"], capture_output=True, text=True).stdout.split()
+
+
+@needs_bwrap
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the escape's ptrace registers are x86_64's")
+def test_a_program_that_detaches_the_sandbox_init_leaves_no_process():
+    marker = f"sandbox-test-{uuid.uuid4().hex}"
+    result = run(ESCAPE.replace("MARKER", marker), timeout_s=3.0)
+    assert result.status == "timeout" and ("ptrace refused, errno 1" in result.stdout or "PID 1" in result.stdout)
+    assert wait_until(lambda: not processes_with(marker), 2.0), f"left over: {processes_with(marker)}"
+    assert wait_until(lambda: not sandbox_processes(), 2.0), f"left over: {sandbox_processes()}"
+
+
+@needs_bwrap
+def test_seccomp_refuses_reaching_into_other_processes():
+    result = run("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("ptrace", libc.ptrace(0, 0, None, None), ctypes.get_errno())  # PTRACE_TRACEME
+        print("process_vm_readv", libc.process_vm_readv(1, None, 0, None, 0, 0), ctypes.get_errno())
+        print([line.split()[1] for line in open("/proc/self/status") if line.startswith("Seccomp:")])
+    """)
+    assert result.passed and result.stdout == "ptrace -1 1\nprocess_vm_readv -1 1\n['2']\n"
+
+
+@needs_bwrap
+def test_memfd_bomb_is_memory_and_host_shared_memory_comes_back():
+    def shared_kib() -> int:
+        return int(next(line for line in open("/proc/meminfo") if line.startswith("Shmem:")).split()[1])
+
+    before = shared_kib()
+    result = run("""
+        import os
+        held = []
+        for _ in range(24):
+            fd = os.memfd_create("bomb")
+            os.write(fd, b"x" * (16 << 20))
+            held.append(fd)
+        print("wrote", len(held) * 16, "MiB")
+    """, memory_mb=128)
+    assert result.status == "memory" and "wrote" not in result.stdout
+    assert shared_kib() - before < 16 << 10  # KiB: what other processes did meanwhile, not the bomb's 384 MiB
+
+
+@needs_bwrap
+def test_open_files_are_limited():
+    result = run("""
+        import os
+        fds = []
+        try:
+            while True:
+                fds.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as error:
+            print(len(fds) + 3, error.strerror)
+    """)
+    assert result.passed and result.stdout == f"{OPEN_FILE_LIMIT} Too many open files\n"
+
+
+@needs_bwrap
+def test_each_run_has_its_own_cgroup_removed_after_it():
+    parents = sandbox.protections().cgroups
+    if parents is None:
+        pytest.skip(f"no cgroup here: {sandbox.sandbox_weaknesses()}")
+
+    def run_cgroups() -> set[Path]:
+        return {path for parent in {parents.memory, parents.pids} for path in parent.glob("qwen2-sandbox-*")}
+
+    before = run_cgroups()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run, "import time; time.sleep(2)")
+        assert wait_until(lambda: any((path / "cgroup.procs").read_text().strip() for path in run_cgroups() - before),
+                          2.0), "no cgroup of the run held its processes"
+        assert running.result().passed
+    assert run_cgroups() == before
+
+
+def test_a_machine_without_cgroups_is_refused_unless_the_recipe_accepts_it(monkeypatch: pytest.MonkeyPatch):
+    weak = Protections(None, sandbox.protections().seccomp, ("no cgroup for each run (test)",))
+    monkeypatch.setattr(sandbox, "protections", lambda: weak)
+    monkeypatch.setattr(sandbox, "_warned", set())
+    refusal = check_sandbox(SandboxSpec())
+    assert refusal and "no cgroup for each run (test)" in refusal and "accept_weaker: true" in refusal
+    assert "\n" not in refusal
+    if sandbox.sandbox_unavailable_reason() is not None:
+        return
+    with pytest.raises(SandboxUnavailable, match="weaker than required"):
+        run_python("print('hi')")
+    assert check_sandbox(SandboxSpec(accept_weaker=True)) is None
+    with pytest.warns(RuntimeWarning, match="weaker sandbox: no cgroup"):
+        result = run_python("print('hi')", accept_weaker=True)
+    assert result.passed and result.stdout == "hi\n"
+    # the address-space limit stands in for the cgroup
+    assert run("bytearray(300 << 20)", memory_mb=256, accept_weaker=True).status == "memory"
