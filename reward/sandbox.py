@@ -8,7 +8,8 @@ its own process under `bwrap` (never in the pipeline's own process):
   forked dies with it, and it cannot nest further user namespaces;
 - every run ends whatever the program does: bwrap's `--info-fd` names the program's host PID, a pidfd
   to it is kept, and SIGKILL goes to it on every exit path, which ends its PID namespace with every
-  process in it (a program that clears its own parent-death signal does not outlive its run);
+  process in it (a program that clears its own parent-death signal does not outlive its run); until it
+  is in the run's cgroup it waits on `--block-fd`, so none of the program runs outside the cgroup;
 - a seccomp filter (`--seccomp`) answers EPERM to ptrace, process_vm_readv/writev and the other calls
   that reach into other processes or the kernel's shared state (`SECCOMP_REFUSED`), and kills a process
   that calls through another architecture's table (32-bit or x32 syscalls on x86_64);
@@ -331,8 +332,8 @@ def _probe_cgroup(parents: CgroupParents) -> str | None:
 
 
 class _RunCgroup:
-    """One run's cgroup: made with its limits before the run, joined by the run's first process, read for
-    OOM kills after it, then removed."""
+    """One run's cgroup: made with its limits before the run, joined by the sandbox's PID 1 before it runs the
+    program, read for OOM kills after it, then removed."""
 
     def __init__(self, parents: CgroupParents, memory_mb: int) -> None:
         self.version = parents.version
@@ -360,12 +361,14 @@ class _RunCgroup:
                 path.rmdir()
             raise
 
-    def join_command(self, command: list[str]) -> list[str]:
-        """`command` started by a shell that first moves itself into every hierarchy of this cgroup, so
-        everything the command forks is counted from its first instruction."""
-        procs = [str(path / "cgroup.procs") for path in self.directories]
-        script = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
-        return ["/bin/sh", "-c", script, "sh", *procs, "--", *command]
+    def join(self, pid: int) -> bool:
+        """Move `pid` (the sandbox's PID 1, still waiting on its gate) into every hierarchy of this cgroup."""
+        try:
+            for path in self.directories:
+                _write(path / "cgroup.procs", str(pid))
+        except OSError:
+            return False
+        return True
 
     def oom_killed(self) -> bool:
         if self.version == 2:
@@ -437,13 +440,15 @@ def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: fl
     fds = [_memfd(text.encode() if isinstance(text, str) else text) for text in sources.values()]
     seccomp = [_memfd(guard.seccomp)] if guard.seccomp is not None else []
     info_read, info_write = os.pipe()
+    gate_read, gate_write = os.pipe()
     cgroup = _RunCgroup(guard.cgroups, memory_mb) if guard.cgroups is not None else None
     if guard.cgroups is not None:
         _fast_migrations.touch(guard.cgroups.pids / "cgroup.procs")
     try:
         command = [
             "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-            "--as-pid-1", "--info-fd", str(info_write), *[arg for fd in seccomp for arg in ("--seccomp", str(fd))],
+            "--as-pid-1", "--info-fd", str(info_write), "--block-fd", str(gate_read),
+            *[arg for fd in seccomp for arg in ("--seccomp", str(fd))],
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
             *[arg for prefix in extra_binds for arg in ("--ro-bind", prefix, prefix)],
@@ -456,8 +461,8 @@ def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: fl
             "--", *_limits(timeout_s, None if cgroup else memory_mb), interpreter, "-B", PROGRAM,
         ]
         # bwrap reports a program killed by signal N as exit 128 + N.
-        result = _execute(command, stdin, timeout_s, cwd=None, pass_fds=[*fds, *seccomp, info_write],
-                          signal_exit_base=128, info_pipe=(info_read, info_write), cgroup=cgroup)
+        result = _execute(command, stdin, timeout_s, cwd=None, pass_fds=[*fds, *seccomp, info_write, gate_read],
+                          signal_exit_base=128, launch=_Launch(info_read, info_write, gate_read, gate_write, cgroup))
         if cgroup is not None and not result.passed and result.status != "timeout" and cgroup.oom_killed():
             result = replace(result, status="memory")
         return result
@@ -491,17 +496,26 @@ def _limits(timeout_s: float, address_space_mb: int | None) -> list[str]:
             f"--nofile={OPEN_FILE_LIMIT}", f"--fsize={FILE_SIZE_LIMIT_BYTES}", "--core=0", "--"]
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """How one bwrap start is watched: bwrap names its PID 1 on the info pipe; that process waits on the gate
+    (`--block-fd`) until it is in the run's cgroup, so nothing of the program runs outside it."""
+
+    info_read: int
+    info_write: int
+    gate_read: int
+    gate_write: int
+    cgroup: _RunCgroup | None
+
+
 def _execute(command: list[str], stdin: str, timeout_s: float, *, cwd: str | None, pass_fds: list[int],
-             signal_exit_base: int | None, info_pipe: tuple[int, int] | None = None,
-             cgroup: _RunCgroup | None = None) -> SandboxResult:
+             signal_exit_base: int | None, launch: _Launch | None = None) -> SandboxResult:
     """Start `command` in its own process group; collect capped output until exit, the deadline or the cap.
-    Under bwrap (`info_pipe`), the sandbox's PID 1 is killed on every way out, which ends its namespace."""
+    Under bwrap (`launch`), the sandbox's PID 1 is killed on every way out, which ends its namespace."""
     if (user := _sandbox_user()) is not None:
         # setpriv rather than Popen(user=...), which rules out vfork: forking a pipeline process that
         # holds GBs costs ~50 ms per GiB (155 ms vs 4 ms per start with 3 GiB resident).
         command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
-    if cgroup is not None:
-        command = cgroup.join_command(command)
     stdin_fd = _memfd(stdin.encode())
     start = time.monotonic()
     try:
@@ -511,12 +525,17 @@ def _execute(command: list[str], stdin: str, timeout_s: float, *, cwd: str | Non
         )
     finally:
         os.close(stdin_fd)
-        if info_pipe is not None:
-            os.close(info_pipe[1])
+        if launch is not None:
+            os.close(launch.info_write)
+            os.close(launch.gate_read)
     with proc:
-        sandbox_init = _sandbox_init(proc, info_pipe[0], start + timeout_s) if info_pipe is not None else None
+        sandbox_init: int | None = None
         stopped_for: Status | None = None
         try:
+            if launch is not None:
+                sandbox_init, admitted = _admit(proc, launch, start + timeout_s)
+                if not admitted:  # bwrap's PID 1 still waits on the gate: it dies with bwrap, having run nothing
+                    os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr, stopped_for = _collect(proc, start + timeout_s)
             if stopped_for is None:
                 try:
@@ -524,6 +543,8 @@ def _execute(command: list[str], stdin: str, timeout_s: float, *, cwd: str | Non
                 except subprocess.TimeoutExpired:
                     stopped_for = "timeout"
         finally:
+            if launch is not None:
+                os.close(launch.gate_write)
             if sandbox_init is not None:
                 _kill_pidfd(sandbox_init)
             if stopped_for is not None or proc.poll() is None:
@@ -536,9 +557,22 @@ def _execute(command: list[str], stdin: str, timeout_s: float, *, cwd: str | Non
                          stdout.decode(errors="replace"), err_text, time.monotonic() - start)
 
 
-def _sandbox_init(proc: subprocess.Popen, info_fd: int, deadline: float) -> int | None:
-    """A pidfd to the sandbox's PID 1, from the JSON bwrap writes to `--info-fd` (None: it already ended or bwrap
-    failed before starting it). The pid is trusted only while its parent is our bwrap, which we have not reaped,
+def _admit(proc: subprocess.Popen, launch: _Launch, deadline: float) -> tuple[int | None, bool]:
+    """(a pidfd to the sandbox's PID 1, whether it was let through the gate): let through only once it is known
+    and in the run's cgroup."""
+    found = _sandbox_init(proc, launch.info_read, deadline)
+    if found is None:
+        return None, False
+    pidfd, pid = found
+    if launch.cgroup is not None and not launch.cgroup.join(pid):
+        return pidfd, False
+    os.write(launch.gate_write, b"go")
+    return pidfd, True
+
+
+def _sandbox_init(proc: subprocess.Popen, info_fd: int, deadline: float) -> tuple[int, int] | None:
+    """(a pidfd to, the pid of) the sandbox's PID 1, from the JSON bwrap writes to `--info-fd` (None: bwrap failed
+    before starting it). The pid is trusted only while its parent is our bwrap, which we have not reaped,
     so a pid reused after the sandbox ended is never signalled."""
     info = bytearray()
     with selectors.DefaultSelector() as selector:
@@ -556,7 +590,7 @@ def _sandbox_init(proc: subprocess.Popen, info_fd: int, deadline: float) -> int 
     if _parent_pid(pid) != proc.pid:
         os.close(pidfd)
         return None
-    return pidfd
+    return pidfd, pid
 
 
 def _parent_pid(pid: int) -> int | None:
