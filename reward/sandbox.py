@@ -339,8 +339,7 @@ class _RunCgroup:
         self.version = parents.version
         name = f"qwen2-sandbox-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.memory, self.pids = parents.memory / name, parents.pids / name
-        # joined pids first: joining memory first made each run ~8 ms slower here (cgroup v1, kernel 6.18)
-        self.directories = list(dict.fromkeys([self.pids, self.memory]))
+        self.directories = list(dict.fromkeys([self.memory, self.pids]))
         made = []
         try:
             for path in self.directories:
@@ -395,9 +394,10 @@ class _RunCgroup:
 
 class _FastMigrations:
     """Moving a process into a cgroup takes the kernel's cgroup_threadgroup_rwsem for writing, which first waits for
-    an RCU grace period (12 ms a run here, 40% of its cost) unless another migration came within one. While runs
-    start, a thread writes this process's pid into its own cgroup (a migration that moves nothing) every few
-    milliseconds, so each run's migration takes the fast path; it stops LINGER_S after the last run."""
+    an RCU grace period unless another migration came within one (a lone `cgroup.procs` write took 5-20 ms here).
+    While runs start, a thread writes this process's pid into its own cgroup (a migration that moves nothing)
+    every few milliseconds, so each run's migration takes the fast path (a `print(1)` run: 34-36 ms with it,
+    37-40 ms without, medians of 40); it stops LINGER_S after the last run."""
 
     INTERVAL_S = 0.003
     LINGER_S = 0.2
