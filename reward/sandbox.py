@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -140,6 +141,7 @@ class Program:
     code: str
     stdin: str = ""
     files: Mapping[str, str | bytes] | None = None
+    site: bool = True  # False: the interpreter starts without the site module (-S), for runners that set sys.path
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,9 @@ class Protections:
     weaknesses: tuple[str, ...]  # one line per protection this machine lacks
 
 
-def run_python(code: str, *, stdin: str = "", files: Mapping[str, str | bytes] | None = None, timeout_s: float = 10.0,
-               memory_mb: int = 512, accept_weaker: bool = False, unsafe_no_sandbox: bool = False) -> SandboxResult:
+def run_python(code: str, *, stdin: str = "", files: Mapping[str, str | bytes] | None = None, site: bool = True,
+               timeout_s: float = 10.0, memory_mb: int = 512, accept_weaker: bool = False,
+               unsafe_no_sandbox: bool = False) -> SandboxResult:
     """Run `code` as `main.py` in a fresh sandbox, `files` (relative path -> text or bytes) beside it.
 
     Raises SandboxUnavailable where bubblewrap cannot run, unless `unsafe_no_sandbox`: then the
@@ -190,13 +193,13 @@ def run_python(code: str, *, stdin: str = "", files: Mapping[str, str | bytes] |
             raise SandboxUnavailable(weaker_sandbox_refusal(weaknesses))
         if weaknesses:
             _warn_once(f"running model-written code in a weaker sandbox: {'; '.join(weaknesses)}")
-        return _run_sandboxed(sources, stdin, timeout_s, memory_mb)
+        return _run_sandboxed(sources, stdin, site, timeout_s, memory_mb)
     if not unsafe_no_sandbox:
         raise SandboxUnavailable(f"{problem}; install bubblewrap (apt-get install bubblewrap) "
                                  "or pass unsafe_no_sandbox=True to run model-written code uncontained")
     _warn_once(f"RUNNING MODEL-WRITTEN CODE WITHOUT A SANDBOX ({problem}): rlimits only, with this "
                "machine's network, files and processes in reach")
-    return _run_unsandboxed(sources, stdin, timeout_s, memory_mb)
+    return _run_unsandboxed(sources, stdin, site, timeout_s, memory_mb)
 
 
 def run_many(programs: Sequence[Program | str], *, workers: int, timeout_s: float = 10.0, memory_mb: int = 512,
@@ -205,7 +208,7 @@ def run_many(programs: Sequence[Program | str], *, workers: int, timeout_s: floa
     jobs = [Program(p) if isinstance(p, str) else p for p in programs]
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: run_python(job.code, stdin=job.stdin, files=job.files,
+        results = list(pool.map(lambda job: run_python(job.code, stdin=job.stdin, files=job.files, site=job.site,
                                                          timeout_s=timeout_s, memory_mb=memory_mb,
                                                          accept_weaker=accept_weaker,
                                                          unsafe_no_sandbox=unsafe_no_sandbox), jobs))
@@ -231,7 +234,7 @@ def sandbox_unavailable_reason() -> str | None:
     """Why the sandbox cannot run here (None: it can); checked once per process by running a program in it."""
     if shutil.which("bwrap") is None:
         return "bubblewrap (bwrap) is not installed"
-    probe = _run_sandboxed({PROGRAM: "print('sandbox ok')"}, "", timeout_s=30.0, memory_mb=256)
+    probe = _run_sandboxed({PROGRAM: "print('sandbox ok')"}, "", True, timeout_s=30.0, memory_mb=256)
     if probe.passed and probe.stdout == "sandbox ok\n":
         return None
     return f"the bubblewrap self-test failed ({probe.status}, exit {probe.returncode}): {probe.stderr.strip()[-500:]}"
@@ -433,7 +436,7 @@ class _FastMigrations:
 _fast_migrations = _FastMigrations()
 
 
-def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: float, memory_mb: int
+def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, site: bool, timeout_s: float, memory_mb: int
                    ) -> SandboxResult:
     interpreter, extra_binds = sandbox_interpreter()
     guard = protections()
@@ -452,13 +455,13 @@ def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: fl
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
             *[arg for prefix in extra_binds for arg in ("--ro-bind", prefix, prefix)],
-            "--proc", "/proc", "--dev", "/dev",
+            "--dev", "/dev",
             "--size", str(WORKDIR_BYTES), "--tmpfs", WORKDIR, "--symlink", WORKDIR.lstrip("/"), "/tmp",
             *[arg for fd, name in zip(fds, sources) for arg in ("--file", str(fd), f"{WORKDIR}/{name}")],
             "--remount-ro", "/", "--remount-ro", "/dev",
             "--chdir", WORKDIR, "--clearenv",
             *[arg for key, value in SANDBOX_ENV.items() for arg in ("--setenv", key, value)],
-            "--", *_limits(timeout_s, None if cgroup else memory_mb), interpreter, "-B", PROGRAM,
+            "--", *_prlimit(_limits(timeout_s, None if cgroup else memory_mb)), *_python(interpreter, site),
         ]
         # bwrap reports a program killed by signal N as exit 128 + N.
         result = _execute(command, stdin, timeout_s, cwd=None, pass_fds=[*fds, *seccomp, info_write, gate_read],
@@ -473,7 +476,7 @@ def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: fl
             cgroup.remove()
 
 
-def _run_unsandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: float, memory_mb: int
+def _run_unsandboxed(sources: Mapping[str, str | bytes], stdin: str, site: bool, timeout_s: float, memory_mb: int
                      ) -> SandboxResult:
     interpreter, _ = sandbox_interpreter()
     with tempfile.TemporaryDirectory(prefix="sandbox-unsafe-") as workdir:
@@ -484,16 +487,30 @@ def _run_unsandboxed(sources: Mapping[str, str | bytes], stdin: str, timeout_s: 
         if (user := _sandbox_user()) is not None:
             for path in [Path(workdir), *Path(workdir).rglob("*")]:
                 os.chown(path, user, user)
-        command = [*_limits(timeout_s, memory_mb), interpreter, "-B", PROGRAM]
+        command = [*_prlimit(_limits(timeout_s, memory_mb)), *_python(interpreter, site)]
         return _execute(command, stdin, timeout_s, cwd=workdir, pass_fds=[], signal_exit_base=None)
 
 
-def _limits(timeout_s: float, address_space_mb: int | None) -> list[str]:
-    """`prlimit` prefix setting soft and hard limits alike, so the program cannot raise them; the address space
+def _python(interpreter: str, site: bool) -> list[str]:
+    return [interpreter, "-B", *([] if site else ["-S"]), PROGRAM]
+
+
+def _limits(timeout_s: float, address_space_mb: int | None) -> list[tuple[int, int]]:
+    """(rlimit, value) pairs, set as soft and hard limit alike so the program cannot raise them; the address space
     is limited only where no cgroup counts the memory."""
-    address_space = [f"--as={address_space_mb << 20}"] if address_space_mb is not None else []
-    return ["prlimit", f"--cpu={math.ceil(timeout_s)}", *address_space, f"--nproc={PROCESS_LIMIT}",
-            f"--nofile={OPEN_FILE_LIMIT}", f"--fsize={FILE_SIZE_LIMIT_BYTES}", "--core=0", "--"]
+    address_space = [(resource.RLIMIT_AS, address_space_mb << 20)] if address_space_mb is not None else []
+    return [(resource.RLIMIT_CPU, math.ceil(timeout_s)), *address_space, (resource.RLIMIT_NPROC, PROCESS_LIMIT),
+            (resource.RLIMIT_NOFILE, OPEN_FILE_LIMIT), (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES),
+            (resource.RLIMIT_CORE, 0)]
+
+
+_PRLIMIT_NAMES = {resource.RLIMIT_CPU: "cpu", resource.RLIMIT_AS: "as", resource.RLIMIT_NPROC: "nproc",
+                  resource.RLIMIT_NOFILE: "nofile", resource.RLIMIT_FSIZE: "fsize", resource.RLIMIT_CORE: "core"}
+
+
+def _prlimit(limits: list[tuple[int, int]]) -> list[str]:
+    """The `prlimit` command prefix setting `limits` on the program it starts."""
+    return ["prlimit", *[f"--{_PRLIMIT_NAMES[kind]}={value}" for kind, value in limits], "--"]
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,25 @@
-"""The test runner `reward.code` ships into the sandbox as main.py: runs a solution's tests so that the solution
-cannot forge the verdict. Standard library only; it runs under the sandbox's own Python.
+"""The test runner `reward.code` ships into the sandbox (compiled, started by a loader that set sys.path): runs a
+solution's tests so that the solution cannot forge the verdict. Standard library only; it runs under the
+sandbox's own Python.
 
-It is the sandbox's PID 1. It makes itself undumpable (no other process of the sandbox can read its memory or
-open its descriptors through /proc, and PID 1 ignores their signals), reads solution.py and tests.py, forks the
-solution's process, and only then reads the pass marker from its stdin. The solution's process has /dev/null for
-stdin and stderr for stdout and runs solution.py in a fresh namespace; the tests run here, with the real
-builtins, calling the solution through a pipe. Arguments and results travel as plain data (`encode`) and are
-rebuilt here as exact builtin types, so `f(x) == y` is Python's comparison of plain values; anything else comes
-back as a handle that equals nothing but the same handle. The marker is printed, on this process's own stdout,
-only when every test ran. (The codec is hand-written: importing json costs 7 ms a run inside the sandbox.)
+It is the sandbox's PID 1, which ignores signals from the rest of the sandbox; the sandbox has no /proc and
+refuses ptrace and process_vm_*, so no other process can read its memory or open its descriptors. It compiles
+solution.py and tests.py, forks the solution's process, and only then reads the pass marker from its stdin. The
+solution's process has /dev/null for stdin and stderr for stdout and runs solution.py in a fresh namespace; the
+tests run here, with the real builtins, calling the solution through a pipe. Arguments and results travel as
+plain data (`encode`) and are rebuilt here as exact builtin types, so `f(x) == y` is Python's comparison of plain
+values; anything else comes back as a handle that equals nothing but the same handle. The marker is printed, on
+this process's own stdout, only when every test ran. (The codec is hand-written: importing json costs 7 ms a run
+inside the sandbox.)
 """
 
 from __future__ import annotations
 
 import builtins
-import ctypes
 import _signal  # not `signal`, whose enums cost 5 ms a run to import
 import os
 import sys
 
-PR_SET_DUMPABLE = 4
 MESSAGE_LIMIT_BYTES = 64 << 20
 DEPTH_LIMIT = 200
 TOKEN_LIMIT_BYTES = 5000  # an int's digits (Python's own limit is 4300) or a float's repr
@@ -233,12 +233,12 @@ OPERATIONS = {"call": lambda target, args, kwargs: target(*args, **kwargs), "get
               "contains": lambda target, item: item in target, "iter": iter, "next": next}
 
 
-def serve(source: str, channel: Channel) -> None:
-    """The solution's process: run solution.py, send its names, then answer requests until the pipe closes."""
+def serve(solution, channel: Channel) -> None:
+    """The solution's process: run solution.py's code, send its names, then answer requests until the pipe closes."""
     namespace = {"__name__": "solution", "__builtins__": builtins}
     handles: dict[int, object] = {}
     try:
-        exec(compile(source, "solution.py", "exec"), namespace)
+        exec(solution, namespace)
     except BaseException:  # noqa: BLE001 - reported to the runner, which fails the solution
         import traceback
         channel.send(encode(("failed", traceback.format_exc()[-4000:]), None))
@@ -257,7 +257,7 @@ def serve(source: str, channel: Channel) -> None:
             channel.send(encode(("raised", type(error).__name__, str(error)[:2000]), None))
 
 
-def run_tests(tests: str, client: Client) -> None:
+def run_tests(tests, client: Client) -> None:
     """The tests in a namespace of the solution's names, with this process's own builtins."""
     ready = client.receive()
     if type(ready) is tuple and len(ready) == 2 and ready[0] == "failed":
@@ -266,19 +266,20 @@ def run_tests(tests: str, client: Client) -> None:
         raise ProtocolError("the solution's process did not send its names")
     namespace = {"__name__": "tests", "__builtins__": builtins}
     namespace.update({str(name): value for name, value in ready[1].items()})
-    exec(compile(tests, "tests.py", "exec"), namespace)
+    exec(tests, namespace)
 
 
 def main() -> int:
-    sys.path[:] = [entry for entry in sys.path if entry not in ("", "/sandbox")]  # nothing the solution writes
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        print("runner: cannot make itself undumpable", file=sys.stderr)
-        return 2
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # as PID 1 with default handlers, no signal from inside lands
-    with open("solution.py") as file:
-        solution = file.read()
-    with open("tests.py") as file:
-        tests = file.read()
+    try:  # compiled here, once: a first compile costs each process 1.5 ms
+        with open("solution.py") as file:
+            solution = compile(file.read(), "solution.py", "exec")
+        with open("tests.py") as file:
+            tests = compile(file.read(), "tests.py", "exec")
+    except BaseException:  # noqa: BLE001 - code that does not compile fails
+        import traceback
+        traceback.print_exc()
+        return 1
     solution_reads, runner_writes = os.pipe()
     runner_reads, solution_writes = os.pipe()
     child = os.fork()
@@ -286,13 +287,10 @@ def main() -> int:
         try:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(2, 1)
-            for fd in map(int, os.listdir("/proc/self/fd")):
-                if fd > 2 and fd not in (solution_reads, solution_writes):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            sys.stdin, sys.stdout = open(os.devnull), os.fdopen(1, "w", buffering=1)
+            low, high = sorted((solution_reads, solution_writes))
+            for first, last in ((3, low), (low + 1, high), (high + 1, 1 << 16)):
+                os.closerange(first, last)
+            sys.stdout.reconfigure(line_buffering=True)
             serve(solution, Channel(solution_reads, solution_writes))
         finally:
             os._exit(0)
@@ -302,7 +300,7 @@ def main() -> int:
     try:
         run_tests(tests, Client(Channel(runner_reads, runner_writes)))
     except BaseException:  # noqa: BLE001 - any way out of the tests but their end is a failure
-        import traceback  # sys.path holds only the system's directories by now
+        import traceback
         traceback.print_exc()
         return 1
     finally:
