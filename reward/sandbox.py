@@ -399,15 +399,15 @@ class _FastMigrations:
     """Moving a process into a cgroup takes the kernel's cgroup_threadgroup_rwsem for writing, which first waits for
     an RCU grace period unless another migration came within one (a lone `cgroup.procs` write took 5-20 ms here).
     While runs start, a thread writes this process's pid into its own cgroup (a migration that moves nothing)
-    every few milliseconds, so each run's migration takes the fast path (a `print(1)` run: 34-36 ms with it,
-    37-40 ms without, medians of 40); it stops LINGER_S after the last run."""
+    whenever no run has migrated for INTERVAL_S, so each run's migration takes the fast path (a `print(1)` run:
+    34-36 ms with it, 37-40 ms without, medians of 40); it stops LINGER_S after the last run."""
 
     INTERVAL_S = 0.003
     LINGER_S = 0.2
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.last_use = 0.0
+        self.last_use = self.last_migration = 0.0
         self.thread: threading.Thread | None = None
 
     def touch(self, own_procs: Path) -> None:
@@ -416,6 +416,10 @@ class _FastMigrations:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._keep_warm, args=(own_procs,), daemon=True)
                 self.thread.start()
+
+    def migrated(self) -> None:
+        """A run's process was moved: the path is warm for another INTERVAL_S without the thread's help."""
+        self.last_migration = time.monotonic()
 
     def _keep_warm(self, own_procs: Path) -> None:
         pid = str(os.getpid()).encode()
@@ -426,8 +430,11 @@ class _FastMigrations:
                         if time.monotonic() - self.last_use > self.LINGER_S:
                             self.thread = None
                             return
-                    procs.write(pid)
-                    time.sleep(self.INTERVAL_S)
+                    if (idle := time.monotonic() - self.last_migration) >= self.INTERVAL_S:
+                        procs.write(pid)
+                        self.migrated()
+                        idle = 0.0
+                    time.sleep(self.INTERVAL_S - idle)
         except OSError:
             with self.lock:  # the thread is an optimisation: where the write is refused, runs pay the wait
                 self.thread = None
@@ -581,8 +588,10 @@ def _admit(proc: subprocess.Popen, launch: _Launch, deadline: float) -> tuple[in
     if found is None:
         return None, False
     pidfd, pid = found
-    if launch.cgroup is not None and not launch.cgroup.join(pid):
-        return pidfd, False
+    if launch.cgroup is not None:
+        if not launch.cgroup.join(pid):
+            return pidfd, False
+        _fast_migrations.migrated()
     os.write(launch.gate_write, b"go")
     return pidfd, True
 
