@@ -1,7 +1,7 @@
 """Sandbox throughput: executions/s of `reward.sandbox.run_many` with every protection on, side by side with the
 sandbox of a baseline commit (default: the one before the hardening of issue 24) in the same run.
 
-    python benchmarks/sandbox.py [--baseline 151ea2b] [--workers 1,2,4] [--programs 64] [--rounds 3]
+    python benchmarks/sandbox.py [--baseline 151ea2b] [--workers 1,2,4] [--programs 96] [--rounds 7]
 
 - trivial: `print(1)`, so the figure is the sandbox's own cost (bwrap, cgroup, interpreter start);
   a bare `python3 -c 'print(1)'` subprocess loop is timed as well, for the overhead;
@@ -73,8 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default="151ea2b", help="commit whose reward/sandbox.py and code.py to compare")
     ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
-    ap.add_argument("--programs", type=int, default=64, help="programs per measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating baseline/ours measurements per row")
+    ap.add_argument("--programs", type=int, default=96, help="programs per measurement")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating baseline/ours measurements per row")
     ap.add_argument("--long", type=int, default=4, help="1-second programs per worker count (ours only)")
     a = ap.parse_args()
     if weak := sandbox.sandbox_weaknesses():
