@@ -15,6 +15,7 @@ from helpers.hub_layouts import ULTRACHAT_SPLITS, ULTRAFEEDBACK_SPLITS, ultracha
 from safetensors.torch import load_file
 
 from alignment.checkpoint import init_checkpoint
+from alignment.train.common import last_complete_checkpoint
 from qwen2_align.demo.arithmetic import write_arithmetic_sets
 from qwen2_align.stage_table import load_recipe, run
 
@@ -163,6 +164,9 @@ def test_sft_killed_mid_training_resumes_to_the_same_weights(setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (root / "sft-killed" / "manifest.json").exists()
+    # as if the kill had landed while the Trainer wrote the newest checkpoint's state (last, and in place)
+    newest = max((root / "sft-killed").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    (newest / "trainer_state.json").write_text("")
     resumed = cli(killed)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     a = load_file(root / "sft-ref" / "model.safetensors")
@@ -170,6 +174,15 @@ def test_sft_killed_mid_training_resumes_to_the_same_weights(setup):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path: Path):
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st'), (6, None), (10, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path / "absent") is None
 
 
 def test_lora_sft_trains_adapters_only_and_saves_a_merged_model(setup):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,7 +43,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES, causal_lm_class
@@ -269,11 +269,25 @@ def fit(trainer, recipe: TrainRecipe) -> dict[str, Any]:
     """Train, resuming from `training.resume_from_checkpoint` if the recipe names one, else from the
     run dir's last checkpoint (a killed run goes on where it stopped). Returns the training metrics."""
     run_dir = Path(recipe.run_dir)
-    resume = trainer.args.resume_from_checkpoint or (get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None)
+    resume = trainer.args.resume_from_checkpoint or last_complete_checkpoint(run_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None, "train_runtime_s": result.metrics["train_runtime"]}
+
+
+def last_complete_checkpoint(run_dir: Path) -> str | None:
+    """The newest `checkpoint-N` in `run_dir` whose trainer_state.json (the Trainer writes it last, in place)
+    reads as JSON: a run killed while saving leaves a newer checkpoint that is not complete."""
+    steps = [(int(match[1]), path) for path in (run_dir.iterdir() if run_dir.is_dir() else [])
+             if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path.is_dir()]
+    for _, path in sorted(steps, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None
 
 
 def saved_dtype(path: str) -> torch.dtype:
