@@ -234,6 +234,7 @@ def _sharded_worker(rank: int, world: int, port: int, results: dict) -> None:
     full = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
     if rank == 0:
         results.update(full)
+    dist.barrier()  # neither rank tears its connections down while the other still uses them (gloo aborts)
     dist.destroy_process_group()
 
 
