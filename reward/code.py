@@ -13,7 +13,6 @@ from .sandbox import BatchResult, Program, SandboxResult, SandboxSpec, run_many,
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = {"", "python", "py", "python3"}
-RUNNER_SOURCE = Path(__file__).with_name("solution_runner.py").read_text()
 
 
 def extract_code(reply: str) -> str:
@@ -49,8 +48,8 @@ def runner_files() -> tuple[str, bytes]:
     interpreter, _ = sandbox_interpreter()
     probe = ("import marshal, sys; out = sys.stdout.buffer; out.write(repr([p for p in sys.path if p]).encode());"
              "out.write(b'\\n' + marshal.dumps(compile(sys.stdin.read(), 'runner', 'exec')))")
-    output = subprocess.run([interpreter, "-I", "-c", probe], input=RUNNER_SOURCE.encode(), capture_output=True,
-                            check=True).stdout
+    source = Path(__file__).with_name("solution_runner.py").read_bytes()
+    output = subprocess.run([interpreter, "-I", "-c", probe], input=source, capture_output=True, check=True).stdout
     paths, _, bytecode = output.partition(b"\n")
     loader = (f"import marshal, sys\nsys.path[:] = {paths.decode()}\n"
               "exec(marshal.loads(open('runner.marshal', 'rb').read()))\n")

@@ -49,7 +49,6 @@ import math
 import os
 import platform
 import re
-import resource
 import selectors
 import shutil
 import signal
@@ -470,7 +469,7 @@ def _run_sandboxed(sources: Mapping[str, str | bytes], stdin: str, site: bool, t
             "--remount-ro", "/",
             "--chdir", WORKDIR, "--clearenv",
             *[arg for key, value in SANDBOX_ENV.items() for arg in ("--setenv", key, value)],
-            "--", *_prlimit(_limits(timeout_s, None if cgroup else memory_mb)), *_python(interpreter, site),
+            "--", *_limits(timeout_s, None if cgroup else memory_mb), *_python(interpreter, site),
         ]
         # bwrap reports a program killed by signal N as exit 128 + N.
         result = _execute(command, stdin, timeout_s, cwd=None, pass_fds=[*fds, *seccomp, info_write, gate_read],
@@ -496,7 +495,7 @@ def _run_unsandboxed(sources: Mapping[str, str | bytes], stdin: str, site: bool,
         if (user := _sandbox_user()) is not None:
             for path in [Path(workdir), *Path(workdir).rglob("*")]:
                 os.chown(path, user, user)
-        command = [*_prlimit(_limits(timeout_s, memory_mb)), *_python(interpreter, site)]
+        command = [*_limits(timeout_s, memory_mb), *_python(interpreter, site)]
         return _execute(command, stdin, timeout_s, cwd=workdir, pass_fds=[], signal_exit_base=None)
 
 
@@ -504,22 +503,12 @@ def _python(interpreter: str, site: bool) -> list[str]:
     return [interpreter, "-B", *([] if site else ["-S"]), PROGRAM]
 
 
-def _limits(timeout_s: float, address_space_mb: int | None) -> list[tuple[int, int]]:
-    """(rlimit, value) pairs, set as soft and hard limit alike so the program cannot raise them; the address space
+def _limits(timeout_s: float, address_space_mb: int | None) -> list[str]:
+    """`prlimit` prefix setting soft and hard limits alike, so the program cannot raise them; the address space
     is limited only where no cgroup counts the memory."""
-    address_space = [(resource.RLIMIT_AS, address_space_mb << 20)] if address_space_mb is not None else []
-    return [(resource.RLIMIT_CPU, math.ceil(timeout_s)), *address_space, (resource.RLIMIT_NPROC, PROCESS_LIMIT),
-            (resource.RLIMIT_NOFILE, OPEN_FILE_LIMIT), (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES),
-            (resource.RLIMIT_CORE, 0)]
-
-
-_PRLIMIT_NAMES = {resource.RLIMIT_CPU: "cpu", resource.RLIMIT_AS: "as", resource.RLIMIT_NPROC: "nproc",
-                  resource.RLIMIT_NOFILE: "nofile", resource.RLIMIT_FSIZE: "fsize", resource.RLIMIT_CORE: "core"}
-
-
-def _prlimit(limits: list[tuple[int, int]]) -> list[str]:
-    """The `prlimit` command prefix setting `limits` on the program it starts."""
-    return ["prlimit", *[f"--{_PRLIMIT_NAMES[kind]}={value}" for kind, value in limits], "--"]
+    address_space = [f"--as={address_space_mb << 20}"] if address_space_mb is not None else []
+    return ["prlimit", f"--cpu={math.ceil(timeout_s)}", *address_space, f"--nproc={PROCESS_LIMIT}",
+            f"--nofile={OPEN_FILE_LIMIT}", f"--fsize={FILE_SIZE_LIMIT_BYTES}", "--core=0", "--"]
 
 
 @dataclass(frozen=True)
