@@ -34,6 +34,14 @@ def chat_generation_config(tokenizer: PreTrainedTokenizerBase | None = None) -> 
     )
 
 
+def local_device() -> torch.device:
+    """This process's device: its GPU under `accelerate launch` / torchrun (LOCAL_RANK), else the only GPU,
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "float32",
                     tokenizer: PreTrainedTokenizerBase | None = None, **overrides) -> Path:
     """Write a randomly initialised model of a preset shape, with tokenizer and generation config.

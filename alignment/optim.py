@@ -24,8 +24,10 @@ so with alpha = 0 and p = 1 it is AdamW. Where the paper and its public code dif
 - bf16 or fp16 weights get the step's change by stochastic rounding, so that alpha * tau (1e-7 of the
   weights or less) is not rounded away as it is when added in bf16.
 
-Masks are drawn from a generator seeded by (seed, step, parameter, rank), so resuming from
-`state_dict()` gives the same next step.
+Random draws (masks, stochastic rounding) come from generators seeded by (seed, step, parameter, draw) and
+by the block of the whole tensor an entry lies in (`shard_uniform`): resuming from `state_dict()` gives the
+same next step, and every process draws the same for an entry whether it holds the whole tensor (one
+process, DDP: the replicas stay equal) or a shard of it (FSDP2), so a sharded run merges as one process does.
 """
 
 from __future__ import annotations
@@ -115,19 +117,51 @@ def _shard_index(param: torch.Tensor) -> TensorIndex:
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
-        else 0
+DRAW_BLOCK = 1 << 20  # entries of the whole tensor per seeded generator
 
 
-def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+def _flat_range(param: torch.Tensor) -> tuple[int, int]:
+    """Where this process's entries of `param` lie in the whole tensor's flat order: FSDP2 shards dim 0, so a
+    shard is a contiguous range."""
+    local = _local(param)
+    index = _shard_index(param)
+    if index is None:
+        return 0, local.numel()
+    if any(part != slice(0, size) for part, size in zip(index[1:], param.shape[1:])):
+        raise ValueError(f"a parameter sharded on a dimension other than 0 ({index}): FSDP2 shards dim 0")
+    start = index[0].start * math.prod(param.shape[1:])
+    return start, start + local.numel()
+
+
+def shard_uniform(param: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
+    """Uniform floats in [0, 1), one per entry of this process's shard of `param` (flat): drawn in blocks of
+    DRAW_BLOCK entries of the whole tensor, each from a generator seeded by `key` and the block, so an entry's
+    draw does not depend on which process holds it or how the tensor is sharded."""
+    device = _local(param).device
+    start, stop = _flat_range(param)
+    out = torch.empty(stop - start, device=device)
+    seed = 0
+    for part in key:
+        seed = (seed * 1_000_003 + part) % (1 << 61)
+    for block in range(start // DRAW_BLOCK, -(-stop // DRAW_BLOCK)):
+        generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + block) % (1 << 63))
+        low, high = max(start, block * DRAW_BLOCK), min(stop, (block + 1) * DRAW_BLOCK)
+        if high - low == DRAW_BLOCK:
+            torch.rand(DRAW_BLOCK, generator=generator, device=device, out=out[low - start : high - start])
+        else:
+            draws = torch.rand(DRAW_BLOCK, generator=generator, device=device)
+            out[low - start : high - start] = draws[low - block * DRAW_BLOCK : high - block * DRAW_BLOCK]
+    return out
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, draws: torch.Tensor) -> None:
     """Write fp32 `value` into a bf16 / fp16 `target`, rounding up or down with the probability that makes the
     expected result exact (bf16: random low 16 bits added before truncation; fp16 through bf16's rule on
-    the fp32 difference)."""
+    the fp32 difference). `draws`: uniform in [0, 1), shaped like `value`."""
     if target.dtype == torch.bfloat16:
-        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
-        bits = (value.contiguous().view(torch.int32) + noise) & -65536
-        target.copy_(bits.view(torch.float32))
+        noise = (draws * 65536).to(torch.int32)  # draws are multiples of 2^-24: 16 uniform bits
+        rounded = (value.contiguous().view(torch.int32) + noise) & -65536
+        target.copy_(rounded.view(torch.float32))
         return
     down = value.to(target.dtype)
     below = down.float() > value
@@ -135,8 +169,7 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torc
     up = torch.nextafter(down, torch.full_like(down, math.inf))
     gap = (up.float() - down.float()).clamp_min(torch.finfo(torch.float32).tiny)
     chance_up = ((value - down.float()) / gap).clamp(0, 1)
-    draw = torch.rand(value.shape, device=value.device, generator=generator)
-    target.copy_(torch.where(draw < chance_up, up, down))
+    target.copy_(torch.where(draws < chance_up, up, down))
 
 
 class MergingAdamW(torch.optim.Optimizer):
@@ -178,7 +211,7 @@ class MergingAdamW(torch.optim.Optimizer):
         for param, name in self.names.items():
             self._check(param, name)
             if self.tau_mask == "fixed":
-                self.sparse_tau[param] = self._trim(self._tau(param, name).flatten(), self._generator(param, step=0))
+                self.sparse_tau[param] = self._trim(self._tau(param, name).flatten(), param, 0, "tau")
 
     def _check(self, param: torch.Tensor, name: str) -> None:
         """Both states hold `name` in the parameter's whole shape (read from the headers: no tensor is loaded)."""
@@ -198,32 +231,32 @@ class MergingAdamW(torch.optim.Optimizer):
         tau = _read(self.reference, name, index).float() - _read(self.base, name, index).float()
         return tau.to(local.device)
 
-    def _generator(self, param: torch.Tensor, step: int) -> torch.Generator:
-        key = (((self.seed * 1_000_003 + step) * 1_000_003 + self.positions[param]) * 1_000_003 + _rank())
-        return torch.Generator(device=_local(param).device).manual_seed(key % (1 << 63))
+    DRAWS = {"update": 0, "tau": 1, "rounding": 2}
 
-    def _trim(self, flat: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """F_p of a flat tensor as (indices, kept values): a random p of the entries (OnDARE) or the top p by
-        magnitude (OnTIES), scaled by 1/p with `rescale`."""
+    def _draw(self, param: torch.Tensor, step: int, draw: str) -> torch.Tensor:
+        """`shard_uniform` of the parameter for one draw of one step, flat."""
+        return shard_uniform(param, (self.seed, step, self.positions[param], self.DRAWS[draw]))
+
+    def _trim(self, flat: torch.Tensor, param: torch.Tensor, step: int, draw: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_p of a flat tensor (`param`'s update or tau) as (indices, kept values): a random p of the entries
+        (OnDARE, the step's `draw`) or the top p by magnitude (OnTIES), scaled by 1/p with `rescale`."""
         if self.method == "onties":
             keep = max(1, round(self.reserve_rate * flat.numel()))
             indices = flat.abs().topk(keep, sorted=False).indices
         else:
-            draw = torch.rand(flat.shape, device=flat.device, generator=generator)
-            indices = (draw < self.reserve_rate).nonzero().squeeze(1)
+            indices = (self._draw(param, step, draw) < self.reserve_rate).nonzero().squeeze(1)
         indices = indices.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
         values = flat[indices.long()]
         return indices, values / self.reserve_rate if self.rescale else values
 
     def _merge(self, param: torch.Tensor, update: torch.Tensor, step: int) -> torch.Tensor:
         """(1 - alpha) F_p(update) + alpha F_p(tau), dense and shaped like the local shard."""
-        generator = self._generator(param, step)
         flat = update.flatten()
-        delta_index, delta_value = self._trim(flat, generator)
+        delta_index, delta_value = self._trim(flat, param, step, "update")
         if self.tau_mask == "fixed":
             tau_index, tau_value = self.sparse_tau[param]
         else:
-            tau_index, tau_value = self._trim(self._tau(param, self.names[param]).flatten(), generator)
+            tau_index, tau_value = self._trim(self._tau(param, self.names[param]).flatten(), param, step, "tau")
         if self.method == "onties":
             elected = torch.zeros_like(flat)
             elected.index_add_(0, delta_index.long(), delta_value).index_add_(0, tau_index.long(), tau_value)
@@ -274,7 +307,7 @@ class MergingAdamW(torch.optim.Optimizer):
                     weights.mul_(1 - lr * weight_decay).add_(update)
                 else:
                     moved = weights.float().mul_(1 - lr * weight_decay).add_(update)
-                    stochastic_round_(weights, moved, self._generator(param, -step))
+                    stochastic_round_(weights, moved, self._draw(param, step, "rounding").view_as(moved))
         return loss
 
 

@@ -1,6 +1,7 @@
 """Online DPO end to end on tiny models built here (a real reward model with a random head, the real
-generator and TRL's DPOTrainer with the merging optimizer), its pairing rule, its recipe checks, and a
-run killed with SIGKILL mid-episode that resumes to the same policy as an uninterrupted run."""
+generator and TRL's DPOTrainer with the merging optimizer), its pairing rule, its recipe checks, a run
+killed with SIGKILL mid-episode that resumes to the same policy as an uninterrupted run, and the same run
+on 2 processes under `accelerate launch` (gloo): DDP, FSDP2, and one rank killed."""
 
 import json
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from alignment.checkpoint import init_checkpoint, reward_model_class
 from alignment.data import write_rows
@@ -26,6 +28,10 @@ from qwen2_align.stage_table import load_recipe, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/tiny/online-dpo.yaml"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+TWO_PROCESSES = {"ddp": [*LAUNCH, str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "-m", "qwen2_align.cli"],
+                 "fsdp2": [*LAUNCH, str(ROOT / "tests/helpers/cpu-2proc-fsdp2.yaml"),
+                           str(ROOT / "tests/helpers/fsdp2_on_cpu.py")]}
 
 
 def test_best_and_worst_pairs_the_extremes_and_drops_ties():
@@ -36,12 +42,10 @@ def test_best_and_worst_pairs_the_extremes_and_drops_ties():
     assert best_and_worst([0.2, 0.6], ["same ", "same"], 0.0) is None  # one text, two rewards: not a pair
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory) -> dict:
+def _models(root: Path, preset: str) -> dict:
     """base, SFT (= the starting policy and the reference), a reward model, and arithmetic prompts."""
-    root = tmp_path_factory.mktemp("online")
-    base = init_checkpoint("tiny", root / "base", seed=0)
-    sft = init_checkpoint("tiny", root / "sft", seed=1, initializer_range=0.3)
+    base = init_checkpoint(preset, root / "base", seed=0)
+    sft = init_checkpoint(preset, root / "sft", seed=1, initializer_range=0.3)
     tokenizer = load_tokenizer(str(sft))
     reward = reward_model_class(sft).from_pretrained(sft, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     reward.save_pretrained(root / "rm")
@@ -51,13 +55,30 @@ def tiny_setup(tmp_path_factory) -> dict:
             "prompts": str(root / "prompts.jsonl")}
 
 
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> dict:
+    return _models(tmp_path_factory.mktemp("online"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_setup) -> Path:
+    """An uninterrupted run in this process."""
+    run_dir = tiny_setup["root"] / "whole"
+    run("online-dpo", load_recipe(RECIPE, overrides=_overrides(tiny_setup, run_dir)))
+    return run_dir
+
+
 def _overrides(setup: dict, run_dir: Path) -> list[str]:
     return [f"run_dir={run_dir}", f"model={setup['sft']}", f"reference={setup['sft']}", f"reward_model={setup['rm']}",
             f"inputs.prompts={setup['prompts']}", f"merging.base_model={setup['base']}", "episodes=2",
             "prompts_per_episode=4", "samples_per_prompt=3", "eval_prompts=2", "generation.max_new_tokens=6",
-            "generation.temperature=1.0", "training.per_device_train_batch_size=4", "training.learning_rate=1e-3",
+            "generation.temperature=1.0", "training.per_device_train_batch_size=2",
+            "training.gradient_accumulation_steps=2", "training.learning_rate=1e-3",
             "merging.reserve_rate=0.5", "merging.alpha=0.01", "dtype=float32", "verifier=none",
-            "min_reward_margin=0.0"]
+            "min_reward_margin=0.0",
+            # Adam's first step is lr * sign(g): where g is rounding noise (a sum in another order on 2 processes)
+            # the sign is a coin; an eps above that noise makes the step continuous in g.
+            "training.adam_epsilon=1e-3"]
 
 
 def test_episode_prompts_are_a_seeded_draw_without_repeats():
@@ -84,11 +105,9 @@ def test_recipe_checks_name_the_field(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_online_dpo_runs_episodes_and_a_killed_run_resumes_to_the_same_policy(tiny_setup):
+def test_online_dpo_runs_episodes_and_a_killed_run_resumes_to_the_same_policy(tiny_setup, whole):
     root = tiny_setup["root"]
-    whole = root / "whole"
-    manifest = run("online-dpo", load_recipe(ROOT / "recipes/tiny/online-dpo.yaml",
-                                             overrides=_overrides(tiny_setup, whole)))
+    manifest = json.loads((whole / "manifest.json").read_text())
     assert manifest["counts"] == {"prompts_in": 11, "quarantined": 1, "train_prompts": 8, "eval_prompts": 2}
     start = json.loads((whole / "episode-000/metrics.json").read_text())
     assert start["kl_to_reference"] == 0.0  # the starting policy is the reference
@@ -185,3 +204,106 @@ def test_vllm_reads_the_next_policy_in_place_and_runs_online_dpo(tiny_setup, tmp
     for episode in (1, 2):
         metrics = json.loads((tmp_path / f"vllm/episode-{episode:03d}/metrics.json").read_text())
         assert metrics["samples"] == 12 and metrics["generation_tokens"] > 0
+
+
+def _two_processes(launcher: str, setup: dict, run_dir: Path, wait: bool = True):
+    """The run of `_overrides` on 2 processes: a micro-batch of 2 pairs on each instead of 2 accumulated
+    micro-batches in one (the recipe's SFT term is a mean over each micro-batch's tokens, as TRL has it, so
+    that is what one step of 4 pairs equals)."""
+    overrides = _overrides(setup, run_dir) + ["training.gradient_accumulation_steps=1"]
+    command = [*TWO_PROCESSES[launcher], "online-dpo", "--recipe", str(RECIPE)]
+    command += [arg for o in overrides for arg in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open()]
+
+
+def _assert_same_run(one: Path, two: Path) -> float:
+    """The same samples and pairs in every episode, and final weights within float32 rounding; returns the
+    largest weight difference."""
+    for episode in (1, 2):
+        ours, theirs = (_lines(d / f"episode-{episode:03d}/samples.jsonl") for d in (one, two))
+        assert [(s["id"], s["responses"]) for s in ours] == [(s["id"], s["responses"]) for s in theirs]
+        for mine, other in zip(ours, theirs):  # scored in other batches: equal up to rounding
+            assert mine["rewards"] == pytest.approx(other["rewards"], abs=1e-4)
+        ours, theirs = (_lines(d / f"episode-{episode:03d}/pairs.jsonl") for d in (one, two))
+        assert len(ours) == 4, "every prompt must give a pair for one process and two to share batches alike"
+        assert [(p["id"], p["chosen"], p["rejected"]) for p in ours] == \
+            [(p["id"], p["chosen"], p["rejected"]) for p in theirs]
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert first.keys() == second.keys()
+    largest = max((first[k] - second[k]).abs().max().item() for k in first)
+    assert largest < 1e-5, largest
+    metrics = [json.loads((d / "manifest.json").read_text())["metrics"] for d in (one, two)]
+    for key in ("eval_reward_mean_end", "win_rate_vs_reference_end", "kl_to_reference_end"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-4), key
+    return largest
+
+
+def test_two_processes_ddp_form_the_pairs_and_weights_of_one(tiny_setup, whole):
+    """Each of 2 processes samples and scores half the prompts; the pairs are one process's and DDP trains to
+    its weights."""
+    two = tiny_setup["root"] / "ddp"
+    _two_processes("ddp", tiny_setup, two)
+    _assert_same_run(whole, two)
+    assert json.loads((two / "manifest.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_fsdp2_form_the_pairs_and_weights_of_one(tmp_path):
+    """FSDP2 (on an untied model, as the sharded recipes are): the merging optimizer draws each shard's
+    entries as one process does, so the weights match too."""
+    setup = _models(tmp_path, "tiny-untied")
+    one, two = tmp_path / "one", tmp_path / "fsdp2"
+    run("online-dpo", load_recipe(RECIPE, overrides=_overrides(setup, one)))
+    out = _two_processes("fsdp2", setup, two)
+    assert out.stderr.count("fsdp2_on_cpu: FSDP2 units:") >= 2, out.stderr[-4000:]  # each episode's policy sharded
+    _assert_same_run(one, two)
+
+
+def _worker(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the launched worker with RANK=`rank`, a descendant of the launcher."""
+    children = {int(p.name): int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+                for p in Path("/proc").iterdir() if p.name.isdigit() and p.joinpath("stat").exists()}
+    descendants, frontier = set(), {launcher_pid}
+    while frontier:
+        frontier = {pid for pid, parent in children.items() if parent in frontier} - descendants
+        descendants |= frontier
+    for pid in descendants:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+def test_two_processes_one_rank_killed_mid_episode_resume_to_the_uninterrupted_weights(tiny_setup, tmp_path):
+    """Rank 1 killed with SIGKILL once episode 2 is sampled: the launcher ends the run, and the rerun finishes with
+    the weights of an uninterrupted 2-process run."""
+    uninterrupted = tiny_setup["root"] / "ddp"
+    if not (uninterrupted / "manifest.json").exists():
+        _two_processes("ddp", tiny_setup, uninterrupted)
+    killed = tmp_path / "killed"
+    launcher = _two_processes("ddp", tiny_setup, killed, wait=False)
+    deadline = time.monotonic() + 600
+    while not (killed / "episode-002/samples.jsonl").exists() and time.monotonic() < deadline:
+        assert launcher.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    worker = _worker(launcher.pid, 1)
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    assert launcher.wait(timeout=300) != 0
+    assert not (killed / "episode-002/metrics.json").exists() and not (killed / "manifest.json").exists()
+    _two_processes("ddp", tiny_setup, killed)
+    assert (killed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from alignment.optim import CheckpointState, OnDAREAdamW, OnTIESAdamW, stochastic_round_
+from alignment.optim import DRAW_BLOCK, CheckpointState, OnDAREAdamW, OnTIESAdamW, shard_uniform, stochastic_round_
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -166,15 +166,29 @@ def test_merge_every_k_moves_every_parameter_on_the_plain_steps():
     assert all((p != b).float().mean() > 0.99 for p, b in zip(model.parameters(), before))
 
 
+def test_shard_draws_are_uniform_and_depend_on_the_key_and_the_entry_only():
+    """The draws behind masks and rounding: uniform, independent across keys, and across block boundaries
+    the same whatever range of the whole tensor a process asks for."""
+    whole = torch.empty(3 * DRAW_BLOCK // 1000 + 7, 1000)
+    draws = shard_uniform(whole, (0, 1, 2))
+    assert draws.shape == (whole.numel(),) and draws.min() >= 0 and draws.max() < 1
+    assert draws.mean().item() == pytest.approx(0.5, abs=0.003) and draws.var().item() == pytest.approx(1 / 12, abs=0.001)
+    other = shard_uniform(whole, (0, 1, 3))
+    assert abs(torch.corrcoef(torch.stack([draws, other]))[0, 1].item()) < 0.005
+    assert torch.equal(draws, shard_uniform(whole, (0, 1, 2)))
+    blocks = draws.view(-1)[: 3 * DRAW_BLOCK].view(3, DRAW_BLOCK)
+    assert abs(torch.corrcoef(blocks)[0, 1].item()) < 0.005  # blocks are not one stream repeated
+
+
 def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_the_step():
     value = torch.full((100_000,), 1.0 + 2.0**-10)  # between bf16's 1 and 1 + 2**-7
     target = torch.empty(100_000, dtype=torch.bfloat16)
-    stochastic_round_(target, value, torch.Generator().manual_seed(0))
+    stochastic_round_(target, value, shard_uniform(value, (0,)))
     assert set(target.float().unique().tolist()) == {1.0, 1.0 + 2.0**-7}
     assert target.float().mean().item() == pytest.approx(1.0 + 2.0**-10, abs=2e-5)
     assert value.to(torch.bfloat16).float().mean().item() == 1.0
     half = torch.empty(100_000, dtype=torch.float16)
-    stochastic_round_(half, torch.full((100_000,), 1.0 + 2.0**-13), torch.Generator().manual_seed(0))
+    stochastic_round_(half, torch.full((100_000,), 1.0 + 2.0**-13), shard_uniform(value, (1,)))
     assert half.float().mean().item() == pytest.approx(1.0 + 2.0**-13, abs=2e-6)
 
 
@@ -221,26 +235,33 @@ def test_bad_arguments_and_missing_tensors_are_named():
         OnDAREAdamW(model.named_parameters(), base, reference | {"2.weight": torch.zeros(2, 2)}, lr=1e-3)
 
 
+SHARDED_RUNS = {"onties": (OnTIESAdamW, {"reserve_rate": 1.0}),
+                "ondare": (OnDAREAdamW, {"reserve_rate": 0.5}), "ondare-fixed": (OnDAREAdamW, {"reserve_rate": 0.5,
+                                                                                             "tau_mask": "fixed"})}
+
+
 def _sharded_worker(rank: int, world: int, port: int, results: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = _model()
-    base, reference = _states(model)
-    fully_shard(model)
-    optimizer = OnTIESAdamW(model.named_parameters(), base, reference, lr=1e-2, alpha=0.3, reserve_rate=1.0)
-    _train(model, optimizer, range(3))
-    full = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
-    if rank == 0:
-        results.update(full)
+    for run, (optimizer_class, options) in SHARDED_RUNS.items():
+        model = _model()
+        base, reference = _states(model)
+        fully_shard(model)
+        optimizer = optimizer_class(model.named_parameters(), base, reference, lr=1e-2, alpha=0.3, **options)
+        _train(model, optimizer, range(3))
+        full = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
+        if rank == 0:
+            results[run] = full
     dist.barrier()  # neither rank tears its connections down while the other still uses them (gloo aborts)
     dist.destroy_process_group()
 
 
 def test_fsdp2_shards_merge_with_their_own_slice_of_tau():
     """Two gloo processes, each holding half of every parameter (FSDP2): the merged result equals one
-    process's (p = 1, so the only thing sharding can break is which slice of tau meets which shard)."""
+    process's. OnTIES at p = 1 checks which slice of tau meets which shard; OnDARE at p = 0.5 also that each
+    shard draws the entries one process draws for them."""
     import socket
 
     with socket.socket() as s:
@@ -249,9 +270,10 @@ def test_fsdp2_shards_merge_with_their_own_slice_of_tau():
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_sharded_worker, args=(2, port, results), nprocs=2, join=True)
-    model = _model()
-    base, reference = _states(model)
-    optimizer = OnTIESAdamW(model.named_parameters(), base, reference, lr=1e-2, alpha=0.3, reserve_rate=1.0)
-    _train(model, optimizer, range(3))
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(results[name], param.detach(), rtol=0, atol=1e-6, msg=name)
+    for run, (optimizer_class, options) in SHARDED_RUNS.items():
+        model = _model()
+        base, reference = _states(model)
+        optimizer = optimizer_class(model.named_parameters(), base, reference, lr=1e-2, alpha=0.3, **options)
+        _train(model, optimizer, range(3))
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(results[run][name], param.detach(), rtol=0, atol=1e-6, msg=f"{run}: {name}")

@@ -38,9 +38,12 @@ class Sampling:
 
 @dataclass
 class SamplingParams(Sampling):
-    """One generate() call's sampling."""
+    """One generate() call's sampling. `seeds`, one per prompt, makes each prompt's completions depend on its
+    own seed alone, not on the prompts it is batched with: a run split over processes samples exactly what
+    one process does. Otherwise `seed` seeds the call."""
 
     seed: int | None = None
+    seeds: list[int] | None = None
 
 
 @dataclass

@@ -1,11 +1,14 @@
-"""The `transformers` backend: our backbone's batched `generate` with a KV cache and left padding."""
+"""The `transformers` backend: our backbone's batched `generate` with a KV cache and left padding, on this
+process's device (`local_device`). With a seed per prompt (`SamplingParams.seeds`) each prompt is generated on its
+own, unpadded: torch draws from one generator per call, so only that keeps a prompt's samples independent of
+its batch."""
 
 from __future__ import annotations
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ..checkpoint import load_causal_lm
+from ..checkpoint import load_causal_lm, local_device
 from ..tokenizer import load_tokenizer
 from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
 
@@ -28,7 +31,7 @@ class TransformersGenerator(Generator):
     def __init__(self, spec: GenerationSpec, model=None, tokenizer=None):
         self.spec = spec
         if model is None:
-            model = load_causal_lm(spec.model, spec.load_dtype(), spec.long_context()).eval()
+            model = load_causal_lm(spec.model, spec.load_dtype(), spec.long_context()).to(local_device()).eval()
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
@@ -48,6 +51,17 @@ class TransformersGenerator(Generator):
             stop_strings=p.stop or None,
         )
 
+    def _batches(self, count: int, params: SamplingParams) -> list[tuple[slice, int | None]]:
+        """(prompts, seed) of each generate() call: a prompt alone with its own seed, or `batch_size` prompts
+        seeded `seed` + the batch's number."""
+        if params.seeds is not None:
+            if len(params.seeds) != count:
+                raise ValueError(f"seeds: one per prompt, got {len(params.seeds)} for {count} prompts")
+            return [(slice(i, i + 1), seed) for i, seed in enumerate(params.seeds)]
+        size = self.spec.batch_size
+        return [(slice(s, s + size), None if params.seed is None else params.seed + b)
+                for b, s in enumerate(range(0, count, size))]
+
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         config = self._config(params)
@@ -55,10 +69,10 @@ class TransformersGenerator(Generator):
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         results: list[list[Completion]] = []
         try:
-            for b, s in enumerate(range(0, len(texts), self.spec.batch_size)):
-                if params.seed is not None:
-                    torch.manual_seed(params.seed + b)
-                enc = self.tokenizer(texts[s : s + self.spec.batch_size], return_tensors="pt", padding=True)
+            for batch, seed in self._batches(len(texts), params):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                enc = self.tokenizer(texts[batch], return_tensors="pt", padding=True)
                 enc = enc.to(self.model.device)
                 out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
                 new = out[:, enc["input_ids"].shape[1] :]  # [b * n, generated]

@@ -46,16 +46,21 @@ class VLLMGenerator(Generator):
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSampling
 
-        sampling = VLLMSampling(
+        fields = dict(
             n=params.n,
             max_tokens=params.max_new_tokens,
             temperature=params.temperature,
             top_p=params.top_p if params.temperature > 0 else 1.0,
             top_k=params.top_k if params.temperature > 0 else -1,
             repetition_penalty=params.repetition_penalty,
-            seed=params.seed,
             stop=params.stop or None,
         )
+        if params.seeds is not None:  # vLLM gives a seeded request its own generator
+            if len(params.seeds) != len(prompts):
+                raise ValueError(f"seeds: one per prompt, got {len(params.seeds)} for {len(prompts)} prompts")
+            sampling = [VLLMSampling(**fields, seed=seed) for seed in params.seeds]
+        else:
+            sampling = VLLMSampling(**fields, seed=params.seed)
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(self.tokenizer, prompts)]
         outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], sampling, use_tqdm=False)
         return [

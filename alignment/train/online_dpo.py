@@ -12,6 +12,12 @@ alignment.optim) that mixes each update with tau = reference - base.
     run_dir/episode-001/metrics.json   written last: the episode is done and is never redone
     run_dir/                           the final policy, metrics.json, curves.png, manifest.json
 
+Under `accelerate launch` (DDP, FSDP2) every process runs the loop: the episode's prompts are split over the
+processes, each samples and scores its share, and the gathered samples, hence the pairs, are those of one
+process (each prompt is sampled with its own seed, `prompt_seeds`). The main process writes the episode's
+files; DPO trains on the pairs as TRL shards them; the held-out evaluation is split the same way, each
+process loading the whole models it scores with on its own device.
+
 After each episode the policy is evaluated on held-out prompts (`eval_prompts` of them): the mean reward of
 one sample each (with a verifier, also the share that is correct), the win rate against the reference model's
 samples judged by the reward (ties count half), and KL(policy || reference) estimated on the policy's samples
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from reward.verifiers import answer_is_correct
 
@@ -43,11 +50,9 @@ from ..generation import Completion, GenerationSpec, make_generator
 from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
-from .common import fit, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history, save_model
+from .common import (fit, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history, save_model,
+                     whole_models)
 from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
-
-EVAL_SEED = 10_007  # held-out samples are drawn with seed + this, apart from the episodes' samples
-
 
 @dataclass
 class MergingSpec:
@@ -153,6 +158,12 @@ def episode_prompts(prompts: list[dict], recipe: OnlineDPORecipe, episode: int) 
     return random.Random(f"{recipe.seed}:{episode}").sample(prompts, count)
 
 
+def prompt_seeds(rows: list[dict], *key: object) -> list[int]:
+    """A sampling seed per prompt row, from `key` and the row's id: what a prompt samples does not depend on
+    which process samples it or with which other prompts."""
+    return [random.Random(":".join(map(str, (*key, row["id"])))).getrandbits(63) for row in rows]
+
+
 def _reply(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
@@ -174,12 +185,15 @@ class PolicySampler:
             self.generator = None
         self.policy = policy
 
-    def sample(self, prompts: list[list[dict]], n: int, seed: int) -> tuple[list[list[Completion]], float]:
-        """n completions per prompt and the seconds generation took."""
+    def sample(self, prompts: list[list[dict]], n: int, seeds: list[int]) -> tuple[list[list[Completion]], float]:
+        """n completions per prompt, each prompt sampled with its own seed, and the seconds generation took."""
+        if not prompts:
+            return [], 0.0
         if self.generator is None:
-            self.generator = make_generator(replace(self.recipe.generation, model=self.policy))
+            with whole_models():
+                self.generator = make_generator(replace(self.recipe.generation, model=self.policy))
         start = time.perf_counter()
-        completions = self.generator.generate(prompts, self.recipe.generation.sampling(seed=seed, n=n))
+        completions = self.generator.generate(prompts, self.recipe.generation.sampling(n=n, seeds=seeds))
         return completions, time.perf_counter() - start
 
     def close(self) -> None:
@@ -193,6 +207,7 @@ class OnlineDPO:
 
     def __init__(self, recipe: OnlineDPORecipe, run: Run):
         self.recipe, self.run, self.run_dir = recipe, run, run.run_dir
+        self.state = PartialState()  # the processes of `accelerate launch`, or this one alone
         self.reference = recipe.reference or recipe.model  # the SFT model: DPO's reference and tau's end
         try:
             read = read_rows(recipe.inputs["prompts"], "prompt")
@@ -206,7 +221,8 @@ class OnlineDPO:
         held = set(random.Random(recipe.seed).sample(range(len(rows)), min(recipe.eval_prompts, len(rows) - 1)))
         self.eval_rows = [r for i, r in enumerate(rows) if i in held]
         self.train_rows = [r for i, r in enumerate(rows) if i not in held]
-        atomic_write_text(self.run_dir / "quarantine.jsonl", to_jsonl(quarantined))
+        if self.state.is_main_process:
+            atomic_write_text(self.run_dir / "quarantine.jsonl", to_jsonl(quarantined))
         if not self.train_rows:
             raise StageError("online-dpo: inputs.prompts: no valid prompt rows to train on "
                              f"({len(quarantined)} quarantined, see {self.run_dir / 'quarantine.jsonl'})")
@@ -214,7 +230,21 @@ class OnlineDPO:
                        "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows)}
         self.tokenizer = load_trainer_tokenizer(recipe.model)
         dtype = DTYPES[recipe.compute_precision()]
-        self.scorer = RewardModel(recipe.reward_model, dtype=dtype) if recipe.reward_model else None
+        with whole_models():
+            self.scorer = RewardModel(recipe.reward_model, dtype=dtype, device=self.state.device) \
+                if recipe.reward_model else None
+        self.reference_eval_rewards: list[float] | None = None
+
+    def in_shares(self, items: list, work) -> list:
+        """`work(items)` with each process doing its contiguous share; every process gets the whole result,
+        in order (`work` returns one entry per item)."""
+        with self.state.split_between_processes(items) as share:
+            return gather_object(work(share) if share else [])
+
+    def write(self, path: Path, text: str) -> None:
+        """The main process writes the run's files."""
+        if self.state.is_main_process:
+            atomic_write_text(path, text)
 
     def episode_dir(self, episode: int) -> Path:
         return self.run_dir / f"episode-{episode:03d}"
@@ -236,42 +266,62 @@ class OnlineDPO:
             return verdicts
         return [v + 0.5 / (1.0 + math.exp(-s)) for v, s in zip(verdicts, scores)]
 
+    def sample_and_score(self, sampler: PolicySampler, rows: list[dict], n: int, key: tuple) -> list[dict]:
+        """n responses to each row's prompt with their rewards, split over the processes: one
+        {"responses", "rewards", "tokens", "seconds"} per row (seconds: its process's generation time)."""
+        seeds = prompt_seeds(rows, *key)
+
+        def share(items: list[tuple[dict, int]]) -> list[dict]:
+            completions, seconds = sampler.sample([r["messages"] for r, _ in items], n, [s for _, s in items])
+            texts = [c.text for cs in completions for c in cs]
+            rewards = iter(self.rewards([r for r, _ in items for _ in range(n)], texts))
+            return [{"responses": [c.text for c in cs], "rewards": [next(rewards) for _ in cs],
+                     "tokens": sum(c.num_tokens for c in cs), "seconds": seconds} for cs in completions]
+
+        return self.in_shares(list(zip(rows, seeds)), share)
+
     def reference_rewards(self) -> list[float]:
         """The rewards of one sample of the reference model per held-out prompt: sampled and scored once, kept
         with the samples in the run dir (every evaluation compares against them)."""
         path = self.run_dir / "reference_samples.jsonl"
-        if path.exists():
-            return [r["reward"] for r in load_jsonl(path)]
-        spec = replace(self.recipe.generation, backend="transformers", model=self.reference)
-        prompts = [r["messages"] for r in self.eval_rows]
-        with make_generator(spec) as generator:
-            completions = generator.generate(prompts, spec.sampling(seed=self.recipe.seed + EVAL_SEED, n=1))
-        texts = [c[0].text for c in completions]
-        rewards = self.rewards(self.eval_rows, texts)
-        atomic_write_text(path, to_jsonl([{"id": r["id"], "response": t, "reward": reward}
-                                          for r, t, reward in zip(self.eval_rows, texts, rewards)]))
-        return rewards
+        if self.reference_eval_rewards is None and path.exists():
+            self.reference_eval_rewards = [r["reward"] for r in load_jsonl(path)]
+        if self.reference_eval_rewards is None:
+            sampler = PolicySampler(replace(self.recipe, generation=replace(self.recipe.generation,
+                                                                            backend="transformers")), self.reference)
+            try:
+                scored = self.sample_and_score(sampler, self.eval_rows, 1, (self.recipe.seed, "eval"))
+            finally:
+                sampler.close()
+            self.write(path, to_jsonl([{"id": r["id"], "response": s["responses"][0], "reward": s["rewards"][0]}
+                                       for r, s in zip(self.eval_rows, scored)]))
+            self.reference_eval_rewards = [s["rewards"][0] for s in scored]
+        return self.reference_eval_rewards
 
     def evaluate(self, sampler: PolicySampler, policy: str) -> dict[str, float]:
         """Mean reward, win rate against the reference's samples, and KL to the reference, on held-out prompts."""
         if not self.eval_rows:
             return {}
-        prompts = [r["messages"] for r in self.eval_rows]
         sampler.use(policy)
-        completions, _ = sampler.sample(prompts, 1, self.recipe.seed + EVAL_SEED)
-        texts = [c[0].text for c in completions]
-        rewards = self.rewards(self.eval_rows, texts)
+        scored = self.sample_and_score(sampler, self.eval_rows, 1, (self.recipe.seed, "eval"))
+        rewards = [s["rewards"][0] for s in scored]
         reference_rewards = self.reference_rewards()
         wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(rewards, reference_rewards)]
-        replies = [_reply(t) for t in texts]
-        policy_logp = completion_logprobs(load_frozen_model(policy, self.recipe), self.tokenizer, prompts, replies)
-        reference_logp = completion_logprobs(load_frozen_model(self.reference, self.recipe), self.tokenizer,
-                                             prompts, replies)
+        pairs = [(r["messages"], _reply(s["responses"][0])) for r, s in zip(self.eval_rows, scored)]
+
+        def logprobs(path: str) -> list[float]:
+            def share(items: list[tuple[list[dict], list[dict]]]) -> list[float]:
+                with whole_models():
+                    model = load_frozen_model(path, self.recipe, self.state.device)
+                return completion_logprobs(model, self.tokenizer, [p for p, _ in items], [c for _, c in items])
+            return self.in_shares(pairs, share)
+
+        policy_logp, reference_logp = logprobs(policy), logprobs(self.reference)
         accuracy = {} if self.recipe.verifier == "none" else {
             "eval_accuracy": sum(r >= 1.0 for r in rewards) / len(rewards)}  # the verdict: the integer part
         return {"eval_reward_mean": sum(rewards) / len(rewards), **accuracy,
                 "win_rate_vs_reference": sum(wins) / len(wins),
-                "kl_to_reference": sum(p - q for p, q in zip(policy_logp, reference_logp)) / len(texts)}
+                "kl_to_reference": sum(p - q for p, q in zip(policy_logp, reference_logp)) / len(pairs)}
 
     def sample_and_pair(self, sampler: PolicySampler, episode: int) -> tuple[list[dict], list[dict], dict]:
         """The episode's samples with their rewards (kept on disk, so a resumed episode does not sample
@@ -280,19 +330,16 @@ class OnlineDPO:
         path, timing_path = directory / "samples.jsonl", directory / "generation.json"
         if path.exists():
             samples = load_jsonl(path)
+            timing = json.loads(timing_path.read_text())
         else:
             rows = episode_prompts(self.train_rows, recipe, episode)
-            prompts = [r["messages"] for r in rows]
-            completions, seconds = sampler.sample(prompts, recipe.samples_per_prompt, recipe.seed + episode)
-            flat = [(r, c.text) for r, cs in zip(rows, completions) for c in cs]
-            rewards = iter(self.rewards([r for r, _ in flat], [t for _, t in flat]))
-            samples = [{"id": r["id"], "prompt": r["messages"], "responses": [c.text for c in cs],
-                        "rewards": [next(rewards) for _ in cs]} for r, cs in zip(rows, completions)]
-            tokens = sum(c.num_tokens for cs in completions for c in cs)
+            scored = self.sample_and_score(sampler, rows, recipe.samples_per_prompt, (recipe.seed, episode))
+            samples = [{"id": r["id"], "prompt": r["messages"], "responses": s["responses"], "rewards": s["rewards"]}
+                       for r, s in zip(rows, scored)]
+            tokens, seconds = sum(s["tokens"] for s in scored), max(s["seconds"] for s in scored)
             timing = {"generation_tokens": tokens, "generation_tokens_per_s": tokens / seconds if seconds else 0.0}
-            atomic_write_text(timing_path, json.dumps(timing) + "\n")
-            atomic_write_text(path, to_jsonl(samples))
-        timing = json.loads(timing_path.read_text())
+            self.write(timing_path, json.dumps(timing) + "\n")
+            self.write(path, to_jsonl(samples))
         pairs = []
         for sample in samples:
             chosen = best_and_worst(sample["rewards"], sample["responses"], recipe.min_reward_margin)
@@ -303,7 +350,7 @@ class OnlineDPO:
                               "rejected": _reply(sample["responses"][worst]), "source": "online-dpo",
                               "meta": {"episode": episode, "reward_chosen": sample["rewards"][best],
                                        "reward_rejected": sample["rewards"][worst]}})
-        atomic_write_text(directory / "pairs.jsonl", to_jsonl(pairs))
+        self.write(directory / "pairs.jsonl", to_jsonl(pairs))
         rewards = [r for s in samples for r in s["rewards"]]
         margins = [p["meta"]["reward_chosen"] - p["meta"]["reward_rejected"] for p in pairs]
         accuracy = {} if recipe.verifier == "none" else {  # the verdict is the reward's integer part
@@ -320,13 +367,16 @@ class OnlineDPO:
         reference = self.reference if recipe.reference_policy == "initial" else self.policy_after(episode - 1)
         step = replace(recipe, model=self.policy_after(episode - 1), reference=reference,
                        run_dir=str(directory / "trainer"))
+        with whole_models():  # under FSDP2 TRL shards the reference as each process loaded it
+            reference_model = load_frozen_model(reference, step)
         trainer = MergingDPOTrainer(
-            model=load_trained_model(step, step.model), ref_model=load_frozen_model(reference, step),
+            model=load_trained_model(step, step.model), ref_model=reference_model,
             args=step.args, train_dataset=trl_dataset(pairs, "preference"),
             processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
         metrics = fit(trainer, step)
         save_model(trainer, step, directory / "model", step.model)
-        shutil.rmtree(directory / "trainer", ignore_errors=True)  # checkpoints of a finished episode
+        if self.state.is_main_process:  # checkpoints of a finished episode
+            shutil.rmtree(directory / "trainer", ignore_errors=True)
         texts = [self.tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
                  for p in pairs for side in ("chosen", "rejected")]
         tokens = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"])) \
@@ -340,7 +390,7 @@ class OnlineDPO:
 
     def forget_old_policies(self, latest: int) -> None:
         """Only the latest finished episode's policy is needed to go on (and is the result)."""
-        for episode in range(1, latest):
+        for episode in range(1, latest if self.state.is_main_process else 1):
             shutil.rmtree(self.episode_dir(episode) / "model", ignore_errors=True)
 
     def run_episodes(self) -> list[dict]:
@@ -360,11 +410,13 @@ class OnlineDPO:
                         metrics |= stats
                         if pairs:
                             metrics |= self.train_episode(episode, pairs)
-                        else:  # nothing to learn from: the policy goes on unchanged
+                        elif self.state.is_main_process:  # nothing to learn from: the policy goes on unchanged
                             shutil.copytree(self.policy_after(episode - 1), directory / "model", dirs_exist_ok=True)
+                        self.state.wait_for_everyone()
                     metrics |= self.evaluate(sampler, self.policy_after(episode))
-                    atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-                    print(f"online-dpo: episode {episode}/{recipe.episodes}: "
+                    self.write(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+                    self.state.wait_for_everyone()  # the episode is done on every process before any moves on
+                    self.state.print(f"online-dpo: episode {episode}/{recipe.episodes}: "
                           + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                       if isinstance(v, float) and k in SHOWN))
                     done = metrics
@@ -375,6 +427,13 @@ class OnlineDPO:
         return history
 
     def finish(self, history: list[dict]) -> dict:
+        """The final policy, metrics, curves and manifest into the run dir (by the main process)."""
+        if self.state.is_main_process:
+            self.write_results(history)
+        self.state.wait_for_everyone()
+        return json.loads((self.run_dir / "manifest.json").read_text())
+
+    def write_results(self, history: list[dict]) -> None:
         final = Path(self.policy_after(self.recipe.episodes))
         for file in final.iterdir():
             if file.is_file():
@@ -387,8 +446,8 @@ class OnlineDPO:
                                                                       indent=2) + "\n")
         plot_history([{**h, "step": h["episode"]} for h in history], self.run_dir / "curves.png",
                      f"online-dpo: {self.run_dir} (x: episode)")
-        return self.run.finish(self.counts, metrics=metrics,
-                               precision={"compute": self.recipe.compute_precision(), "weights": "float32"})
+        self.run.finish(self.counts, metrics=metrics, processes=self.state.num_processes,
+                        precision={"compute": self.recipe.compute_precision(), "weights": "float32"})
 
 
 SHOWN = ("sample_reward_mean", "sample_accuracy", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "eval_accuracy",
@@ -402,8 +461,6 @@ class OnlineDPOStage(Stage):
     recipe_class = OnlineDPORecipe
 
     def run(self) -> dict[str, Any]:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise StageError("online-dpo: runs in one process for now (sampling and scoring are not sharded)")
         run = Run.start(self.name, self.recipe, ["prompts"])
         if run.done:
             return run.done
