@@ -204,14 +204,16 @@ class MergingAdamW(torch.optim.Optimizer):
             reserve_rate, alpha, rescale, merge_every, seed)
         self.tau_mask = "fixed" if self.method == "onties" else tau_mask
         self.base, self.reference = checkpoint_state(base_state), checkpoint_state(reference_state)
-        self.names = {param: name for group in self.param_groups
-                      for name, param in zip(group["param_names"], group["params"])}
-        self.positions = {param: i for i, param in enumerate(self.names)}
-        self.sparse_tau: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
-        for param, name in self.names.items():
-            self._check(param, name)
-            if self.tau_mask == "fixed":
-                self.sparse_tau[param] = self._trim(self._tau(param, name).flatten(), param, 0, "tau")
+        # By name, not by tensor: accelerate's FSDP2 `prepare` swaps the parameters for sharded ones after the
+        # optimizer is built.
+        names = [name for group in self.param_groups for name in group["param_names"]]
+        self.positions = {name: i for i, name in enumerate(names)}
+        self.sparse_tau: dict[str, tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+        for group in self.param_groups:
+            for param, name in zip(group["params"], group["param_names"]):
+                self._check(param, name)
+                if self.tau_mask == "fixed":
+                    self._fixed_tau(param, name)
 
     def _check(self, param: torch.Tensor, name: str) -> None:
         """Both states hold `name` in the parameter's whole shape (read from the headers: no tensor is loaded)."""
@@ -233,30 +235,39 @@ class MergingAdamW(torch.optim.Optimizer):
 
     DRAWS = {"update": 0, "tau": 1, "rounding": 2}
 
-    def _draw(self, param: torch.Tensor, step: int, draw: str) -> torch.Tensor:
+    def _draw(self, param: torch.Tensor, name: str, step: int, draw: str) -> torch.Tensor:
         """`shard_uniform` of the parameter for one draw of one step, flat."""
-        return shard_uniform(param, (self.seed, step, self.positions[param], self.DRAWS[draw]))
+        return shard_uniform(param, (self.seed, step, self.positions[name], self.DRAWS[draw]))
 
-    def _trim(self, flat: torch.Tensor, param: torch.Tensor, step: int, draw: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fixed_tau(self, param: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_p(tau) drawn once, for the part of the whole tensor this process holds (drawn again if that part
+        changed since: the parameter was sharded after the optimizer was built)."""
+        held = _flat_range(param)
+        if self.sparse_tau.get(name, (None,))[0] != held:
+            self.sparse_tau[name] = (held, *self._trim(self._tau(param, name).flatten(), param, name, 0, "tau"))
+        return self.sparse_tau[name][1:]
+
+    def _trim(self, flat: torch.Tensor, param: torch.Tensor, name: str, step: int,
+              draw: str) -> tuple[torch.Tensor, torch.Tensor]:
         """F_p of a flat tensor (`param`'s update or tau) as (indices, kept values): a random p of the entries
         (OnDARE, the step's `draw`) or the top p by magnitude (OnTIES), scaled by 1/p with `rescale`."""
         if self.method == "onties":
             keep = max(1, round(self.reserve_rate * flat.numel()))
             indices = flat.abs().topk(keep, sorted=False).indices
         else:
-            indices = (self._draw(param, step, draw) < self.reserve_rate).nonzero().squeeze(1)
+            indices = (self._draw(param, name, step, draw) < self.reserve_rate).nonzero().squeeze(1)
         indices = indices.to(torch.int32 if flat.numel() < 2**31 else torch.int64)
         values = flat[indices.long()]
         return indices, values / self.reserve_rate if self.rescale else values
 
-    def _merge(self, param: torch.Tensor, update: torch.Tensor, step: int) -> torch.Tensor:
+    def _merge(self, param: torch.Tensor, name: str, update: torch.Tensor, step: int) -> torch.Tensor:
         """(1 - alpha) F_p(update) + alpha F_p(tau), dense and shaped like the local shard."""
         flat = update.flatten()
-        delta_index, delta_value = self._trim(flat, param, step, "update")
+        delta_index, delta_value = self._trim(flat, param, name, step, "update")
         if self.tau_mask == "fixed":
-            tau_index, tau_value = self.sparse_tau[param]
+            tau_index, tau_value = self._fixed_tau(param, name)
         else:
-            tau_index, tau_value = self._trim(self._tau(param, self.names[param]).flatten(), param, step, "tau")
+            tau_index, tau_value = self._trim(self._tau(param, name).flatten(), param, name, step, "tau")
         if self.method == "onties":
             elected = torch.zeros_like(flat)
             elected.index_add_(0, delta_index.long(), delta_value).index_add_(0, tau_index.long(), tau_value)
@@ -270,7 +281,7 @@ class MergingAdamW(torch.optim.Optimizer):
 
     def merge_state_bytes(self) -> int:
         """Bytes this optimizer holds beyond AdamW's moments: the kept entries of tau (0 with tau_mask="step")."""
-        return sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in self.sparse_tau.values())
+        return sum(i.numel() * i.element_size() + v.numel() * v.element_size() for _, i, v in self.sparse_tau.values())
 
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
@@ -285,7 +296,7 @@ class MergingAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for param in group["params"]:
+            for param, name in zip(group["params"], group["param_names"]):
                 if param.grad is None:
                     continue
                 weights, grad = _local(param), _local(param.grad).float()
@@ -302,12 +313,12 @@ class MergingAdamW(torch.optim.Optimizer):
                 denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
                 update = exp_avg / denom * (-lr / (1 - beta1**step))
                 if step % self.merge_every == 0:
-                    update = self._merge(param, update, step)
+                    update = self._merge(param, name, update, step)
                 if weights.dtype == torch.float32:
                     weights.mul_(1 - lr * weight_decay).add_(update)
                 else:
                     moved = weights.float().mul_(1 - lr * weight_decay).add_(update)
-                    stochastic_round_(weights, moved, self._draw(param, step, "rounding").view_as(moved))
+                    stochastic_round_(weights, moved, self._draw(param, name, step, "rounding").view_as(moved))
         return loss
 
 

@@ -8,6 +8,12 @@ adapters in float32. One or two decoder layers are gathered at a time in bf16, a
 are counted per micro-batch of `per_device_train_batch_size` x `max_length` tokens: every layer's
 saved tensors, or only the layer inputs under gradient checkpointing plus one layer recomputed.
 The LM head costs one chunk of logits (our chunked loss), not the full [tokens, vocab] block.
+
+Online DPO adds what each process holds outside the trainer, phase by phase (`online_dpo_phases`): the
+reward model, whole and resident throughout; while sampling, the policy's generator (a colocated vLLM
+engine claims `gpu_memory_utilization` of the GPU; a transformers generator is the whole model), which
+sleeps or is dropped while the trainer steps; and for the held-out KL, one whole model at a time beside the
+engine. The peak is the largest phase: the trainer's share shrinks with more GPUs, the whole models do not.
 """
 
 from __future__ import annotations
@@ -111,6 +117,25 @@ def memory_plan(config: Any, gpus: int, micro_batch: int, seq_len: int, checkpoi
     return plan
 
 
+def online_dpo_phases(recipe: Any, config: Any, recipe_dir: Path | None, gpu_memory_gib: float) -> dict[str, dict[str, float]]:
+    """Bytes per GPU that online DPO holds beside the trainer in each phase (see the module docstring)."""
+    weight_bytes = 4 if recipe.compute_precision() == "float32" else 2
+    policy = weight_bytes * count_parameters(config).total
+    resident = {}
+    if recipe.reward_model:
+        reward_config = model_config(recipe.reward_model, recipe_dir)
+        counted = count_parameters(reward_config)  # a causal LM's count: its LM head is a score head of 1 x hidden
+        reward = weight_bytes * (counted.total - counted.lm_head + reward_config.hidden_size)
+        resident["reward model (whole)"] = reward
+    if recipe.generation.backend == "vllm":
+        engine = {f"vLLM engine ({recipe.generation.gpu_memory_utilization:g} of the GPU)":
+                  recipe.generation.gpu_memory_utilization * gpu_memory_gib * GiB}
+    else:
+        engine = {"policy generator (whole)": policy}
+    return {"training": resident, "sampling": engine | resident,
+            "held-out KL": engine | resident | {"policy or reference for log-probs (whole)": policy}}
+
+
 def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memory_gib: float = 80.0) -> str:
     config = model_config(recipe.model, recipe_dir)
     t = recipe.training
@@ -123,6 +148,13 @@ def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memo
                            reference_model=recipe.stage in ("dpo", "online-dpo") and recipe.lora is None,
                            lora=recipe.lora is not None)
 
+    online = online_dpo_phases(recipe, config, recipe_dir, gpu_memory_gib) if recipe.stage == "online-dpo" else {}
+
+    def peak(n: int) -> float:
+        trainer = sum(plan_for(n).values())
+        return max([trainer + sum(online.get("training", {}).values())]
+                   + [sum(phase.values()) for name, phase in online.items() if name != "training"]) / GiB
+
     plan = plan_for(gpus)
     p = count_parameters(config)
     lines = [
@@ -131,14 +163,28 @@ def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memo
         f"stage {recipe.stage} on {gpus} GPU(s), ZeRO-3/FSDP full shard, micro-batch {micro_batch} sequences x {seq_len} tokens, "
         f"gradient checkpointing {'on' if checkpointing else 'off'}{', LoRA' if recipe.lora else ''}",
     ]
-    width = max(len(k) for k in plan)
+    width = max(len(k) for k in [*plan, *(f"{name}: {k}" for name, phase in online.items() for k in phase)])
     lines += [f"  {k:<{width}}  {v / GiB:8.2f} GiB" for k, v in plan.items()]
     total = sum(plan.values()) / GiB
     lines.append(f"  {'total per GPU':<{width}}  {total:8.2f} GiB")
+    for name, phase in online.items():
+        components = {f"{name}: {k}": v for k, v in phase.items()}
+        if name == "training":
+            components["training: trainer (above)"] = sum(plan.values())
+        lines.append(f"online DPO, {name}:")
+        lines += [f"  {k:<{width}}  {v / GiB:8.2f} GiB" for k, v in components.items()]
+        lines.append(f"  {name + ': total per GPU':<{width}}  {sum(components.values()) / GiB:8.2f} GiB")
+    if online:
+        total = peak(gpus)
+        lines.append(f"  {'peak per GPU':<{width}}  {total:8.2f} GiB")
     if total <= gpu_memory_gib:
         lines.append(f"fits in {gpu_memory_gib:g} GiB per GPU ({gpu_memory_gib - total:.1f} GiB to spare)")
-    else:  # the sharded states shrink with more GPUs; activations do not
-        enough = next((n for n in (2 ** i for i in range(11)) if sum(plan_for(n).values()) / GiB <= gpu_memory_gib), None)
-        hint = f"at least {enough} GPUs at this micro-batch" if enough else "a smaller micro-batch or max_length"
+    else:  # the sharded states shrink with more GPUs; activations and whole models do not
+        enough = next((n for n in (2 ** i for i in range(11)) if peak(n) <= gpu_memory_gib), None)
+        whole = max((sum(v.values()) for k, v in online.items() if k != "training"), default=0) / GiB
+        hint = (f"at least {enough} GPUs at this micro-batch" if enough else
+                f"whole models of {whole:.1f} GiB per GPU (the reward model, the generator, the log-prob model): "
+                "a smaller gpu_memory_utilization, or GPUs with more memory" if whole > gpu_memory_gib else
+                "a smaller micro-batch or max_length")
         lines.append(f"does not fit in {gpu_memory_gib:g} GiB per GPU: needs {hint}")
     return "\n".join(lines)

@@ -158,3 +158,36 @@ def test_plan_says_whether_it_fits_and_how_many_gpus_would(tmp_path):
     at_16 = _cli("plan", "--recipe", recipe, "--gpus", str(needed))
     spare = 80 - (sharded / needed + fixed) / GIB
     assert f"fits in 80 GiB per GPU ({spare:.1f} GiB to spare)" in at_16.stdout
+
+
+def test_plan_of_online_dpo_adds_the_reward_model_and_the_engine_to_each_phase(tmp_path):
+    """Beside the trainer: the whole reward model (a score head of 1 x hidden for the LM head) in every phase, the
+    vLLM engine's share of the GPU while sampling and for the held-out KL, and a whole bf16 model for the KL."""
+    _recipe(tmp_path, "rm", "Qwen/Qwen2-7B", 8192)  # runs/plan/rm traces to Qwen2-7B
+
+    def plan(utilization: float):
+        path = tmp_path / "online-dpo.yaml"
+        path.write_text("stage: online-dpo\nrun_dir: runs/plan/online-dpo\nmodel: Qwen/Qwen2-7B\nreward_model: runs/plan/rm\n"
+                        "dtype: bfloat16\ninputs: {prompts: prompts.jsonl}\nmerging: {method: none}\n"
+                        f"generation: {{backend: vllm, gpu_memory_utilization: {utilization}}}\n"
+                        "training: {max_length: 8192, per_device_train_batch_size: 1, gradient_checkpointing: true}\n")
+        out = _cli("plan", "--recipe", str(path), "--gpus", "8")
+        assert out.returncode == 0, out.stderr
+        return out.stdout, _plan_lines(out.stdout)
+
+    stdout, printed = plan(0.4)
+    reward = 2 * (P_7B - 152_064 * 3_584 + 3_584)
+    trainer = printed["total per GPU"] * GIB
+    expected = {"training: reward model (whole)": reward, "training: trainer (above)": trainer,
+                "training: total per GPU": trainer + reward,
+                "sampling: vLLM engine (0.4 of the GPU)": 32 * GIB, "sampling: reward model (whole)": reward,
+                "sampling: total per GPU": 32 * GIB + reward,
+                "held-out KL: policy or reference for log-probs (whole)": 2 * P_7B,
+                "held-out KL: total per GPU": 32 * GIB + reward + 2 * P_7B}
+    expected["peak per GPU"] = max(expected["training: total per GPU"], expected["held-out KL: total per GPU"])
+    for component, nbytes in expected.items():
+        assert printed[component] == pytest.approx(nbytes / GIB, abs=0.011), component
+    assert f"fits in 80 GiB per GPU ({80 - expected['peak per GPU'] / GIB:.1f} GiB to spare)" in stdout
+    stdout, printed = plan(0.9)
+    assert printed["peak per GPU"] == pytest.approx((72 * GIB + reward + 2 * P_7B) / GIB, abs=0.011)
+    assert "does not fit in 80 GiB per GPU: needs whole models of" in stdout  # more GPUs would not help

@@ -17,4 +17,4 @@ def make_generator(spec: GenerationSpec) -> Generator:
 
 
 __all__ = ["BACKENDS", "Completion", "GenerationError", "GenerationSpec", "Generator", "Prompt", "Sampling",
-           "SamplingParams", "make_generator"]
+           "SamplingParams", "TransformersGenerator", "VLLMGenerator", "make_generator"]

