@@ -31,7 +31,9 @@ RECIPE = ROOT / "recipes/tiny/online-dpo.yaml"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
 TWO_PROCESSES = {"ddp": [*LAUNCH, str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "-m", "qwen2_align.cli"],
                  "fsdp2": [*LAUNCH, str(ROOT / "tests/helpers/cpu-2proc-fsdp2.yaml"),
-                           str(ROOT / "tests/helpers/fsdp2_on_cpu.py")]}
+                           str(ROOT / "tests/helpers/fsdp2_on_cpu.py")],
+                 "zero3": [*LAUNCH, str(ROOT / "tests/helpers/cpu-2proc-zero3.yaml"),
+                           str(ROOT / "tests/helpers/zero3_on_cpu.py")]}
 
 
 def test_best_and_worst_pairs_the_extremes_and_drops_ties():
@@ -206,11 +208,11 @@ def test_vllm_reads_the_next_policy_in_place_and_runs_online_dpo(tiny_setup, tmp
         assert metrics["samples"] == 12 and metrics["generation_tokens"] > 0
 
 
-def _two_processes(launcher: str, setup: dict, run_dir: Path, wait: bool = True):
+def _two_processes(launcher: str, setup: dict, run_dir: Path, wait: bool = True, extra: tuple[str, ...] = ()):
     """The run of `_overrides` on 2 processes: a micro-batch of 2 pairs on each instead of 2 accumulated
     micro-batches in one (the recipe's SFT term is a mean over each micro-batch's tokens, as TRL has it, so
     that is what one step of 4 pairs equals)."""
-    overrides = _overrides(setup, run_dir) + ["training.gradient_accumulation_steps=1"]
+    overrides = _overrides(setup, run_dir) + ["training.gradient_accumulation_steps=1", *extra]
     command = [*TWO_PROCESSES[launcher], "online-dpo", "--recipe", str(RECIPE)]
     command += [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -267,6 +269,23 @@ def test_two_processes_fsdp2_form_the_pairs_and_weights_of_one(tmp_path):
     out = _two_processes("fsdp2", setup, two)
     assert out.stderr.count("fsdp2_on_cpu: FSDP2 units:") >= 2, out.stderr[-4000:]  # each episode's policy sharded
     _assert_same_run(one, two)
+
+
+@pytest.mark.slow
+def test_two_processes_zero3_form_the_pairs_and_weights_of_one(tmp_path):
+    """DeepSpeed ZeRO-3 with TRL's AdamW (the merging optimizers refuse ZeRO-3's flat partitions, which lose the
+    parameter names): the same pairs and weights as one process."""
+    pytest.importorskip("deepspeed")
+    setup = _models(tmp_path, "tiny-untied")
+    one, two = tmp_path / "one", tmp_path / "zero3"
+    run("online-dpo", load_recipe(RECIPE, overrides=_overrides(setup, one) + ["merging.method=none"]))
+    out = _two_processes("zero3", setup, two, extra=("merging.method=none",))
+    assert out.stderr.count("zero3_on_cpu: ZeRO stage 3") >= 2, out.stderr[-4000:]
+    _assert_same_run(one, two)
+    refused = subprocess.run([*TWO_PROCESSES["zero3"], "online-dpo", "--recipe", str(RECIPE), *[
+        arg for o in _overrides(setup, tmp_path / "refused") for arg in ("--set", o)]], cwd=ROOT, capture_output=True,
+        text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode != 0 and "DeepSpeed ZeRO-3's flat partitions" in refused.stderr
 
 
 def _worker(launcher_pid: int, rank: int) -> int | None:

@@ -1,5 +1,6 @@
 """`accelerate launch` with 2 CPU processes (gloo) gives the same model as one process with the same global batch:
-data parallel (DDP), and FSDP2 (accelerate's own sharding, on CPU through `tests/helpers/fsdp2_on_cpu.py`)."""
+data parallel (DDP), FSDP2 (accelerate's own sharding, on CPU through `tests/helpers/fsdp2_on_cpu.py`) and
+DeepSpeed ZeRO-3 (its CPU accelerator; the `deepspeed` extra)."""
 
 import json
 import os
@@ -24,6 +25,7 @@ LAUNCHERS = {
     "1proc": [sys.executable, "-m", "qwen2_align.cli"],
     "ddp": [*LAUNCH, str(ROOT / "recipes" / "accelerate" / "cpu-2proc.yaml"), "-m", "qwen2_align.cli"],
     "fsdp2": [*LAUNCH, str(HELPERS / "cpu-2proc-fsdp2.yaml"), str(HELPERS / "fsdp2_on_cpu.py")],
+    "zero3": [*LAUNCH, str(HELPERS / "cpu-2proc-zero3.yaml"), str(HELPERS / "zero3_on_cpu.py")],
 }
 
 
@@ -90,3 +92,16 @@ def test_fsdp2_two_processes_match_one_with_the_same_global_batch(setup, stage, 
     _assert_same_training(one, two, model)
     stock = transformers.AutoModelForCausalLM.from_pretrained(two)
     assert type(stock).__name__ == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("stage,data", [("sft", "demonstrations"), ("dpo", "preferences")])
+def test_zero3_two_processes_match_one_with_the_same_global_batch(setup, stage, data):
+    """ZeRO-3 partitions parameters, gradients and optimizer state over the 2 processes; the saved model is its
+    gathered 16-bit weights (float32 here)."""
+    pytest.importorskip("deepspeed")
+    root, models, sets = setup
+    model = models["tiny-untied"]
+    one, _ = _run(root, stage, model, sets[data], "1proc")
+    two, stderr = _run(root, stage, model, sets[data], "zero3")
+    assert stderr.count("zero3_on_cpu: ZeRO stage 3") >= 2, stderr[-4000:]  # each process's engine
+    _assert_same_training(one, two, model)

@@ -56,12 +56,13 @@ def _whole(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _gathered(weight: torch.Tensor):
-    """A context in which a ZeRO-3 partitioned weight is whole (TRL's; a null context otherwise).
+    """A context in which a ZeRO-3 partitioned weight is whole (TRL's; a null context otherwise, and for a
+    whole model loaded beside a ZeRO-3 trainer, whose weights DeepSpeed never partitioned).
 
     TRL is imported only under ZeRO-3: the model runs without it (e.g. `benchmarks/gpu_check.py`)."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled():
+    if not is_deepspeed_zero3_enabled() or not hasattr(weight, "ds_status"):
         return contextlib.nullcontext()
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 

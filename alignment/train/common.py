@@ -42,7 +42,7 @@ from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend
-from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..atomic import atomic_write_text
 from ..checkpoint import DTYPES, causal_lm_class
@@ -230,21 +230,22 @@ def load_frozen_model(path: str, recipe: TrainRecipe, device: torch.device | str
 
 
 @contextmanager
-def whole_models(accelerator=None) -> Iterator[None]:
+def whole_models() -> Iterator[None]:
     """Within it, `from_pretrained` gives every process the whole model, as without sharding. Under
     FSDP's CPU-RAM-efficient loading transformers reads the weights on local rank 0 only: the others
     get zeros, which accelerate's `prepare` overwrites from rank 0 but TRL's `prepare_fsdp` (the DPO
-    reference) does not. With the trainer's `accelerator` under ZeRO-3, the model is not partitioned
-    as it is built (which takes all processes in step) and the LM-head kernel gathers nothing."""
-    deepspeed = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    reference) does not. Under ZeRO-3 the model is not partitioned as it is built (which takes all
+    processes in step, and refuses a device), and the LM-head kernel gathers nothing."""
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref  # the config from_pretrained follows, if any
+    active = reference() if reference is not None else None
     with patch_environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
-        if deepspeed is not None:
-            unset_hf_deepspeed_config()
+        if active is not None:
+            hf_deepspeed.unset_hf_deepspeed_config()
         try:
             yield
         finally:
-            if deepspeed is not None:  # accelerate's plugin holds the config transformers refers to
-                set_hf_deepspeed_config(deepspeed.dschf)
+            if active is not None:
+                hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def score_in_shares(accelerator, rows: list, score: Callable[[list], list]) -> list:
@@ -252,7 +253,7 @@ def score_in_shares(accelerator, rows: list, score: Callable[[list], list]) -> l
     gets all the scores, in row order. `score` loads its model onto `accelerator.device`: the
     trainer's own models may be sharded, and one process scoring everything outlasts the
     collective timeout on a large model."""
-    with whole_models(accelerator), accelerator.split_between_processes(rows) as share:
+    with whole_models(), accelerator.split_between_processes(rows) as share:
         return gather_object(score(share))
 
 
@@ -337,11 +338,15 @@ def save_model(trainer, recipe: TrainRecipe, out_dir: Path, start: str, model_cl
     trainer.save_model(str(adapter if recipe.lora is not None else out_dir), _internal_call=True)
     if trainer.accelerator.is_main_process:
         dtype = saved_dtype(start)
+        written = adapter if recipe.lora is not None else out_dir
+        if not any(written.glob("*.safetensors")):  # ZeRO-3 writes a DeepSpeed checkpoint instead, and says so once
+            raise StageError(f"{recipe.stage}: {written}: the trainer saved no weights; under DeepSpeed ZeRO-3 set "
+                             "`zero3_save_16bit_model: true` in the accelerate config (recipes/accelerate/zero3.yaml)")
         if recipe.lora is None:
             cast_checkpoint(out_dir, dtype)
         else:
             config = trainer.accelerator.unwrap_model(trainer.model).get_base_model().config
-            with whole_models(trainer.accelerator):
+            with whole_models():
                 base = (model_class or causal_lm_class(start)).from_pretrained(start, config=config, dtype=dtype)
             PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(out_dir)
             trainer.processing_class.save_pretrained(out_dir)

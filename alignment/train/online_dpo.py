@@ -127,6 +127,10 @@ class MergingDPOTrainer(Qwen2DPOTrainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.merging.method == "none":
             return super().create_optimizer(model)
+        if self.is_deepspeed_enabled:
+            raise StageError(f"merging.method: {self.merging.method} merges each parameter with its slice of tau by "
+                             "name, which DeepSpeed ZeRO-3's flat partitions do not keep; use FSDP2 "
+                             "(recipes/accelerate/fsdp2.yaml) or merging.method: none")
         if self.optimizer is None:
             model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(model))
