@@ -13,8 +13,11 @@ class RewardModel:
     """`RewardModel(path)(conversations)` -> rewards; a conversation ends with the assistant's reply."""
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 16,
-                 device: torch.device | str | None = None):
-        self.model = reward_model_class(path).from_pretrained(path, dtype=dtype, device_map=device).eval()
+                 device: torch.device | str | None = None, model: torch.nn.Module | None = None):
+        """`model`: score with a model already in memory (the rm trainer's own, sharded as it trained) and
+        `path`'s tokenizer."""
+        self.model = model if model is not None else \
+            reward_model_class(path).from_pretrained(path, dtype=dtype, device_map=device).eval()
         self.tokenizer = load_tokenizer(path)
         self.batch_size = batch_size
 

@@ -71,6 +71,7 @@ class Partitioned:
     def __init__(self, param: torch.nn.Parameter):
         self.param, self.whole, self.gathers = param, param.data, 0
         param.data = torch.empty(0)
+        param.ds_status = "NOT_AVAILABLE"  # DeepSpeed marks the parameters it partitions
 
     @contextmanager
     def gather(self, *params):
@@ -100,6 +101,11 @@ def test_lm_head_kernels_gather_a_zero3_partitioned_head(monkeypatch, loss_of, g
     monkeypatch.setattr(trl.trainer.utils, "maybe_gather_lm_head_ctx", partitioned.gather)
     monkeypatch.setattr(transformers.integrations.deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
     loss_of(hidden, head, labels).backward()
+    assert partitioned.gathers == gathers
+    torch.testing.assert_close(hidden.grad, expected)
+    hidden.grad = None  # a whole model beside a ZeRO-3 trainer (online DPO's KL): nothing to gather
+    whole = torch.nn.Parameter(partitioned.whole, requires_grad=False)
+    loss_of(hidden, whole, labels).backward()
     assert partitioned.gathers == gathers
     torch.testing.assert_close(hidden.grad, expected)
 

@@ -18,8 +18,9 @@ spacing near |w| = 0.02). Only under DeepSpeed, which keeps its own fp32 master 
 LoRA, whose frozen base needs none, is the model loaded in the compute dtype.
 
 Sharded training (FSDP2, DeepSpeed ZeRO-3): the model is saved through `trainer.save_model`, which
-gathers the whole weights, and what is evaluated after training is scored by whole models loaded
-afresh on each process's device, each process scoring its share of the rows (`score_in_shares`).
+gathers the whole weights, and the held-out scores after training come from the trainer's own models,
+sharded as they trained, each process scoring an equal share of the rows (`score_with_trainer`): an
+evaluation fits wherever its training fits.
 """
 
 from __future__ import annotations
@@ -248,13 +249,14 @@ def whole_models() -> Iterator[None]:
                 hf_deepspeed.set_hf_deepspeed_config(active)
 
 
-def score_in_shares(accelerator, rows: list, score: Callable[[list], list]) -> list:
-    """`score(rows)`, each process scoring its contiguous share within `whole_models`; every process
-    gets all the scores, in row order. `score` loads its model onto `accelerator.device`: the
-    trainer's own models may be sharded, and one process scoring everything outlasts the
-    collective timeout on a large model."""
-    with whole_models(), accelerator.split_between_processes(rows) as share:
-        return gather_object(score(share))
+def score_with_trainer(trainer, rows: list, score: Callable[[list], list]) -> list:
+    """`score(rows)` where `score` runs the trainer's own models (sharded under FSDP2 and ZeRO-3, so every
+    process must run the same forwards, whose gathers go in step): each process scores an equal share, the
+    last padded with repeats that are dropped after; every process gets all the scores, in row order."""
+    trainer.model.eval()
+    with trainer.accelerator.split_between_processes(rows, apply_padding=True) as share:
+        scores = gather_object(score(share))
+    return scores[: len(rows)]
 
 
 def use_native_lm_head(model) -> None:

@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..stages import Run
 from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_frozen_model, load_trained_model,
-                     load_trainer_tokenizer, save_model, score_in_shares, trainer_arguments, use_native_lm_head,
+                     load_trainer_tokenizer, save_model, score_with_trainer, trainer_arguments, use_native_lm_head,
                      whole_models)
 
 
@@ -80,20 +80,25 @@ def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, start: str, referen
         **trainer_arguments(recipe, data, load_trainer_tokenizer(start)))
 
 
-def heldout_margins(recipe: DPORecipe, accelerator, tokenizer, pairs: list[dict]) -> dict:
-    """The mean held-out preference margin of the reference and of the saved policy, each loaded
-    from its path on every process's device in the compute dtype (see `score_in_shares`)."""
+def heldout_margins(trainer: Qwen2DPOTrainer, pairs: list[dict]) -> dict:
+    """The mean held-out preference margin of the reference and of the trained policy, scored by the trainer's
+    own models (`score_with_trainer`; with LoRA the reference is the policy with its adapter off)."""
     if not pairs:
         return {}
+    tokenizer = trainer.processing_class
 
-    def mean_margin(path: str) -> float:
-        margins = score_in_shares(accelerator, pairs, lambda share: pair_margins(
-            load_frozen_model(path, recipe, accelerator.device), tokenizer, share))
-        return sum(margins) / len(margins)
+    def margins_of(model) -> list[float]:
+        return score_with_trainer(trainer, pairs, lambda share: pair_margins(model, tokenizer, share))
 
-    before, after = mean_margin(recipe.reference or recipe.model), mean_margin(recipe.run_dir)
-    accelerator.print(f"dpo: held-out log p(chosen) - log p(rejected): {before:+.3f} (reference) -> "
-                      f"{after:+.3f} (policy)")
+    if trainer.ref_model is not None:
+        before = margins_of(trainer.ref_model)
+    else:
+        with trainer.accelerator.unwrap_model(trainer.model).disable_adapter():
+            before = margins_of(trainer.model)
+    after = margins_of(trainer.model)
+    before, after = sum(before) / len(before), sum(after) / len(after)
+    trainer.accelerator.print(f"dpo: held-out log p(chosen) - log p(rejected): {before:+.3f} (reference) -> "
+                              f"{after:+.3f} (policy)")
     return {"heldout_margin_reference": before, "heldout_margin_policy": after}
 
 
@@ -111,5 +116,5 @@ class DPOStage(TrainerStage):
         trainer = build_dpo_trainer(recipe, data, start, reference)
         metrics = fit(trainer, recipe)
         save_model(trainer, recipe, run.run_dir, start)
-        metrics |= heldout_margins(recipe, trainer.accelerator, trainer.processing_class, data.eval)
+        metrics |= heldout_margins(trainer, data.eval)
         return trainer, metrics

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from ..checkpoint import DTYPES, reward_model_class
+from ..checkpoint import reward_model_class
 from ..reward_model import RewardModel
 from ..stages import Run
 from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_trained_model, load_trainer_tokenizer,
-                     save_model, score_in_shares, trainer_arguments)
+                     save_model, score_with_trainer, trainer_arguments)
 
 
 @dataclass
@@ -34,15 +35,15 @@ class RewardStage(TrainerStage):
     def train(self, run: Run, data: TrainingData, start: str) -> tuple[RewardTrainer, dict[str, Any]]:
         tokenizer = load_trainer_tokenizer(start)
         recipe = self.recipe
+        set_seed(recipe.seed)  # the new score head's initial weights: the same however the run is launched
         model = load_trained_model(recipe, start, reward_model_class(start), num_labels=1,
                                    pad_token_id=tokenizer.pad_token_id)
         trainer = RewardTrainer(model=model, **trainer_arguments(recipe, data, tokenizer))
         metrics = fit(trainer, recipe)
         save_model(trainer, recipe, run.run_dir, start, reward_model_class(start))
-        if data.eval:  # measured on the saved model, through the scoring API online DPO uses
-            device, dtype = trainer.accelerator.device, DTYPES[recipe.compute_precision()]
-            margins = score_in_shares(trainer.accelerator, data.eval, lambda share: RewardModel(
-                recipe.run_dir, dtype=dtype, device=device).pair_margins(share))
+        if data.eval:  # the trained model, through the scoring API online DPO uses
+            scorer = RewardModel(start, model=trainer.model)
+            margins = score_with_trainer(trainer, data.eval, scorer.pair_margins)
             accuracy, margin = sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
             trainer.accelerator.print(f"rm: held-out pair accuracy {accuracy:.3f} on {len(margins)} pairs "
                                       f"(mean margin {margin:+.3f})")
