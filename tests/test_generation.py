@@ -44,6 +44,18 @@ def test_sampling_is_seeded(generator):
     assert len({x.text for x in a[0]}) > 1
 
 
+def test_a_seed_per_prompt_samples_the_same_whatever_the_batch(generator):
+    """What a sharded online-DPO run needs: a prompt's samples depend on its seed, not on its neighbours."""
+    spec, gen = generator
+    together = gen.generate(PROMPTS, spec.sampling(temperature=1.0, n=3, seeds=[11, 12, 13]))
+    reordered = gen.generate(PROMPTS[::-1], spec.sampling(temperature=1.0, n=3, seeds=[13, 12, 11]))
+    alone = gen.generate(PROMPTS[1:2], spec.sampling(temperature=1.0, n=3, seeds=[12]))
+    assert reordered[::-1] == together and alone[0] == together[1]
+    assert together[0] != gen.generate(PROMPTS[:1], spec.sampling(temperature=1.0, n=3, seeds=[99]))[0]
+    with pytest.raises(ValueError, match="seeds: one per prompt, got 2 for 3 prompts"):
+        gen.generate(PROMPTS, spec.sampling(temperature=1.0, seeds=[1, 2]))
+
+
 def test_stop_strings_cut_the_text(generator):
     spec, gen = generator
     full = gen.generate(PROMPTS[:1], spec.sampling(temperature=0.0))[0][0].text
