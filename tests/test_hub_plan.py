@@ -10,11 +10,13 @@ import pytest
 import torch
 import transformers
 
-from alignment.checkpoint import init_checkpoint, load_causal_lm
+from alignment.checkpoint import init_checkpoint, load_causal_lm, reward_model_class
 from alignment.model.loss import CHUNK_ROWS
 from alignment.recipe_loader import RecipeError
 from alignment.stages import write_manifest
-from qwen2_align.plan import count_parameters, model_config
+from alignment.reward_model import RewardModel
+from alignment.train.common import load_frozen_model
+from qwen2_align.plan import count_parameters, model_config, online_dpo_phases
 from qwen2_align.stage_table import load_recipe
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBeWritten"
@@ -191,3 +193,21 @@ def test_plan_of_online_dpo_adds_the_reward_model_and_the_engine_to_each_phase(t
     stdout, printed = plan(0.9)
     assert printed["peak per GPU"] == pytest.approx((72 * GIB + reward + 2 * P_7B) / GIB, abs=0.011)
     assert "does not fit in 80 GiB per GPU: needs whole models of" in stdout  # more GPUs would not help
+
+
+def test_online_dpo_phases_count_the_bytes_of_the_models_online_dpo_loads(tmp_path):
+    """The reward model and the whole policy `plan` counts are, to the byte, what online DPO holds: the models
+    loaded here the way it loads them (tied and untied heads, a score head in place of the LM head)."""
+    for preset in ("tiny", "tiny-untied"):
+        policy = init_checkpoint(preset, tmp_path / preset, seed=0, num_hidden_layers=2)
+        reward = reward_model_class(policy).from_pretrained(policy, num_labels=1)
+        reward.save_pretrained(tmp_path / f"{preset}-rm")
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/tiny/online-dpo.yaml", overrides=[
+            f"model={policy}", f"reward_model={tmp_path / f'{preset}-rm'}", "dtype=float32"])
+        phases = online_dpo_phases(recipe, model_config(str(policy)), None, 80.0)
+        held = {"reward": RewardModel(str(tmp_path / f"{preset}-rm")).model,
+                "policy": load_frozen_model(str(policy), recipe)}
+        nbytes = {name: sum(p.numel() * p.element_size() for p in model.parameters()) for name, model in held.items()}
+        assert phases["training"]["reward model (whole)"] == nbytes["reward"], preset
+        assert phases["sampling"]["policy generator (whole)"] == nbytes["policy"], preset  # the transformers backend
+        assert phases["held-out KL"]["policy or reference for log-probs (whole)"] == nbytes["policy"], preset
