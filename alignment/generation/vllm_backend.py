@@ -23,6 +23,13 @@ from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
 from .transformers_backend import render_prompts
 
 
+def _on_cpu() -> bool:
+    """vLLM's CPU build: no sleep mode, and no in-place weight reload (see `VLLMGenerator.load_weights`)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 class VLLMGenerator(Generator):
     def __init__(self, spec: GenerationSpec):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))
@@ -36,12 +43,10 @@ class VLLMGenerator(Generator):
     def _engine(spec: GenerationSpec):
         from vllm import LLM  # heavy and optional (the vllm-cpu extra, or vllm on GPU machines)
 
-        from vllm.platforms import current_platform
-
         kwargs = {"max_model_len": spec.max_model_len} if spec.max_model_len else {}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per launched process, on its own device
             kwargs["distributed_executor_backend"] = "external_launcher"
-        if not current_platform.is_cpu():
+        if not _on_cpu():
             kwargs["enable_sleep_mode"] = True
         if spec.long_context():  # the same config fields our loader sets, handed to vLLM as overrides
             long = enable_long_context(Qwen2Config.from_pretrained(spec.model), **spec.long_context()).to_dict()
@@ -88,10 +93,8 @@ class VLLMGenerator(Generator):
         Not on vLLM's CPU build: its linear layers keep prepacked copies of the weights that an in-place reload
         leaves stale (measured with vllm-cpu 0.32: after the reload it decoded neither model's greedy tokens),
         so there the engine is started again from `path`. The in-place path has not run on a GPU yet."""
-        from vllm.platforms import current_platform
-
         self.spec = replace(self.spec, model=str(path))
-        if current_platform.is_cpu() or self.llm is None:
+        if _on_cpu() or self.llm is None:
             self.close()
             self.llm = self._engine(self.spec)
             return
@@ -106,9 +109,7 @@ class VLLMGenerator(Generator):
     def sleep(self) -> None:
         """Release the engine's GPU memory (weights and KV cache, vLLM's sleep level 2) until `load_weights`; on
         vLLM's CPU build, which cannot sleep, the engine is closed."""
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
+        if _on_cpu():
             self.close()
         elif self.llm is not None and not self.asleep:
             self.llm.sleep(level=2)

@@ -249,14 +249,21 @@ def whole_models() -> Iterator[None]:
                 hf_deepspeed.set_hf_deepspeed_config(active)
 
 
+def in_shares(state, items: list, work: Callable[[list], list], equal_shares: bool = False) -> list:
+    """`work(items)` (one result per item) with each of `state`'s processes (accelerate's PartialState or
+    Accelerator) doing its contiguous share; every process gets all the results, in order. `equal_shares`: the
+    last share is padded with repeats, dropped after, so every process runs the same forwards (a sharded
+    model's gathers go in step)."""
+    with state.split_between_processes(items, apply_padding=equal_shares) as share:
+        results = gather_object(work(share) if share else [])
+    return results[: len(items)]
+
+
 def score_with_trainer(trainer, rows: list, score: Callable[[list], list]) -> list:
-    """`score(rows)` where `score` runs the trainer's own models (sharded under FSDP2 and ZeRO-3, so every
-    process must run the same forwards, whose gathers go in step): each process scores an equal share, the
-    last padded with repeats that are dropped after; every process gets all the scores, in row order."""
+    """`score(rows)` where `score` runs the trainer's own models (sharded under FSDP2 and ZeRO-3), in equal
+    shares (`in_shares`)."""
     trainer.model.eval()
-    with trainer.accelerator.split_between_processes(rows, apply_padding=True) as share:
-        scores = gather_object(score(share))
-    return scores[: len(rows)]
+    return in_shares(trainer.accelerator, rows, score, equal_shares=True)
 
 
 def use_native_lm_head(model) -> None:

@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 
 from reward.verifiers import answer_is_correct
 
@@ -51,9 +50,10 @@ from ..generation import Completion, GenerationSpec, VLLMGenerator, make_generat
 from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
-from .common import (fit, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history, save_model,
-                     whole_models)
+from .common import (fit, in_shares, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history,
+                     save_model, whole_models)
 from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
+
 
 @dataclass
 class MergingSpec:
@@ -249,12 +249,6 @@ class OnlineDPO:
                 if recipe.reward_model else None
         self.reference_eval_rewards: list[float] | None = None
 
-    def in_shares(self, items: list, work) -> list:
-        """`work(items)` with each process doing its contiguous share; every process gets the whole result,
-        in order (`work` returns one entry per item)."""
-        with self.state.split_between_processes(items) as share:
-            return gather_object(work(share) if share else [])
-
     def write(self, path: Path, text: str) -> None:
         """The main process writes the run's files."""
         if self.state.is_main_process:
@@ -292,7 +286,7 @@ class OnlineDPO:
             return [{"responses": [c.text for c in cs], "rewards": [next(rewards) for _ in cs],
                      "tokens": sum(c.num_tokens for c in cs), "seconds": seconds} for cs in completions]
 
-        return self.in_shares(list(zip(rows, seeds)), share)
+        return in_shares(self.state, list(zip(rows, seeds)), share)
 
     def reference_rewards(self) -> list[float]:
         """The rewards of one sample of the reference model per held-out prompt: sampled and scored once, kept
@@ -328,7 +322,7 @@ class OnlineDPO:
                 with whole_models():
                     model = load_frozen_model(path, self.recipe, self.state.device)
                 return completion_logprobs(model, self.tokenizer, [p for p, _ in items], [c for _, c in items])
-            return self.in_shares(pairs, share)
+            return in_shares(self.state, pairs, share)
 
         policy_logp, reference_logp = logprobs(policy), logprobs(self.reference)
         accuracy = {} if self.recipe.verifier == "none" else {
@@ -409,7 +403,9 @@ class OnlineDPO:
 
     def forget_old_policies(self, latest: int) -> None:
         """Only the latest finished episode's policy is needed to go on (and is the result)."""
-        for episode in range(1, latest if self.state.is_main_process else 1):
+        if not self.state.is_main_process:
+            return
+        for episode in range(1, latest):
             shutil.rmtree(self.episode_dir(episode) / "model", ignore_errors=True)
 
     def run_episodes(self) -> list[dict]:
