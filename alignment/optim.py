@@ -134,11 +134,15 @@ def _flat_range(param: torch.Tensor) -> tuple[int, int]:
 
 
 def shard_uniform(param: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
-    """Uniform floats in [0, 1), one per entry of this process's shard of `param` (flat): drawn in blocks of
-    DRAW_BLOCK entries of the whole tensor, each from a generator seeded by `key` and the block, so an entry's
-    draw does not depend on which process holds it or how the tensor is sharded."""
-    device = _local(param).device
-    start, stop = _flat_range(param)
+    """Uniform floats in [0, 1), one per entry of this process's shard of `param` (flat): `uniform_range` over
+    the part of the whole tensor it holds, so an entry's draw does not depend on which process holds it or how
+    the tensor is sharded."""
+    return uniform_range(*_flat_range(param), key, _local(param).device)
+
+
+def uniform_range(start: int, stop: int, key: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Uniform floats in [0, 1) for entries start..stop of a flat tensor: drawn in blocks of DRAW_BLOCK entries,
+    each from a generator seeded by `key` and the block, so any range gives the same draw for an entry."""
     out = torch.empty(stop - start, device=device)
     seed = 0
     for part in key:

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from alignment.optim import DRAW_BLOCK, CheckpointState, OnDAREAdamW, OnTIESAdamW, shard_uniform, stochastic_round_
+from alignment.optim import (DRAW_BLOCK, CheckpointState, OnDAREAdamW, OnTIESAdamW, shard_uniform, stochastic_round_,
+                             uniform_range)
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -178,6 +179,10 @@ def test_shard_draws_are_uniform_and_depend_on_the_key_and_the_entry_only():
     assert torch.equal(draws, shard_uniform(whole, (0, 1, 2)))
     blocks = draws.view(-1)[: 3 * DRAW_BLOCK].view(3, DRAW_BLOCK)
     assert abs(torch.corrcoef(blocks)[0, 1].item()) < 0.005  # blocks are not one stream repeated
+    # The ranges two or three processes would hold, inside a block and across block boundaries.
+    for start, stop in ((0, 1000), (1000, DRAW_BLOCK + 5), (DRAW_BLOCK - 3, 2 * DRAW_BLOCK + 7),
+                        (2 * DRAW_BLOCK + 7, whole.numel())):
+        assert torch.equal(uniform_range(start, stop, (0, 1, 2), draws.device), draws[start:stop]), (start, stop)
 
 
 def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_the_step():
