@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir
@@ -92,3 +94,21 @@ def load_causal_lm(
     if long_context:
         kwargs["config"] = enable_long_context(cls.config_class.from_pretrained(str(name_or_path)), **long_context)
     return cls.from_pretrained(str(name_or_path), dtype=DTYPES[dtype], **kwargs)
+
+
+def checkpoint_tensors(path: str | os.PathLike) -> tuple[list[tuple[str, list[int]]], Iterator[tuple[str, torch.Tensor]]]:
+    """A checkpoint folder's tensors by name: their shapes, and an iterator reading each in turn from its
+    safetensors file (one tensor in memory at a time)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    layout = []
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            layout += [(name, list(weights.get_slice(name).get_shape())) for name in weights.keys()]
+
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in files:
+            with safe_open(file, framework="pt") as weights:
+                for name in weights.keys():
+                    yield name, weights.get_tensor(name)
+
+    return layout, read()

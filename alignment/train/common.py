@@ -41,6 +41,7 @@ from accelerate.utils import gather_object, patch_environment
 from matplotlib.figure import Figure
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend
 from transformers.integrations import deepspeed as hf_deepspeed
@@ -257,6 +258,30 @@ def in_shares(state, items: list, work: Callable[[list], list], equal_shares: bo
     with state.split_between_processes(items, apply_padding=equal_shares) as share:
         results = gather_object(work(share) if share else [])
     return results[: len(items)]
+
+
+def whole_parameters(trainer) -> tuple[list[tuple[str, list[int]]], Iterator[tuple[str, torch.Tensor]]]:
+    """The trained model's parameters by checkpoint name: their whole shapes, and an iterator giving each whole
+    in turn (under FSDP2 and ZeRO-3 one gather per parameter, so every process must run the iterator to its
+    end). With it a trainer hands its weights to a generation server without a checkpoint."""
+    named = list(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+
+    def shape(param: torch.Tensor) -> list[int]:
+        return list(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps an empty local tensor
+
+    def gathered() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in named:
+            if hasattr(param, "ds_id"):
+                import deepspeed  # only under ZeRO-3, where it is installed
+
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name, param.data
+            elif isinstance(param, DTensor):
+                yield name, param.full_tensor()
+            else:
+                yield name, param.data
+
+    return [(name, shape(param)) for name, param in named], gathered()
 
 
 def score_with_trainer(trainer, rows: list, score: Callable[[list], list]) -> list:

@@ -44,14 +44,15 @@ from accelerate import PartialState
 from reward.verifiers import answer_is_correct
 
 from ..atomic import atomic_write_text
-from ..checkpoint import DTYPES
+from ..checkpoint import DTYPES, checkpoint_tensors
 from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
-from ..generation import Completion, GenerationSpec, VLLMGenerator, make_generator
+from ..generation import (Completion, GenerationSpec, PolicyServerGenerator, VLLMGenerator, make_generator,
+                          policy_tag)
 from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
 from .common import (fit, in_shares, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history,
-                     save_model, whole_models)
+                     save_model, whole_models, whole_parameters)
 from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
 
 
@@ -112,6 +113,8 @@ class OnlineDPORecipe(DPORecipe):
             raise ValueError(f"eval_prompts: must be >= 0, got {self.eval_prompts}")
         if self.generation.backend == "openai":
             raise ValueError("generation.backend: online DPO samples from the policy it trains: transformers or vllm")
+        if self.lora is not None and self.generation.backend == "vllm-server":
+            raise ValueError("generation.backend: vllm-server is sent whole weights; with lora use vllm or transformers")
         if self.lora is not None and self.merging.method != "none":
             raise ValueError("merging.method: the merging optimizers merge whole weights; with lora use none")
 
@@ -175,13 +178,26 @@ def _reply(text: str) -> list[dict]:
 
 class PolicySampler:
     """Samples from the current policy: transformers loads the episode's saved policy; vLLM keeps its engine,
-    asleep while the trainer runs, and receives the new weights in place."""
+    asleep while the trainer runs, and receives the new weights in place; a `serve-policy` server
+    (`vllm-server`) holds the policy on GPUs of its own and is sent the trainer's weights after each episode."""
 
-    def __init__(self, recipe: OnlineDPORecipe, policy: str):
-        self.recipe, self.policy, self.generator = recipe, policy, None
+    def __init__(self, recipe: OnlineDPORecipe, policy: str, state: PartialState):
+        self.recipe, self.policy, self.state, self.generator = recipe, policy, state, None
         self.released = False
+        if recipe.generation.backend == "vllm-server":
+            self.generator = PolicyServerGenerator(recipe.generation)
+
+    @property
+    def serving(self) -> bool:
+        return isinstance(self.generator, PolicyServerGenerator)
 
     def use(self, policy: str) -> None:
+        if self.serving:  # the main process sends the checkpoint if the server holds another policy
+            if self.state.is_main_process and self.generator.policy() != policy_tag(policy):
+                self.generator.send_weights(*checkpoint_tensors(policy), policy_tag(policy), self.state.device)
+            self.state.wait_for_everyone()
+            self.policy = policy
+            return
         if policy == self.policy and not self.released:
             return
         if isinstance(self.generator, VLLMGenerator):
@@ -191,8 +207,27 @@ class PolicySampler:
             self.generator = None
         self.policy, self.released = policy, False
 
+    def push(self, trainer, policy: str) -> dict[str, float]:
+        """The trainer's weights, just saved to `policy`, to the server (every process gathers, the main one
+        sends): the server's engine is not reloaded from a checkpoint. Returns the sync's time and size."""
+        layout, tensors = whole_parameters(trainer)
+        if not self.state.is_main_process:
+            for _ in tensors:  # this process's part of each gather
+                pass
+            self.state.wait_for_everyone()
+            self.policy = policy
+            return {}
+        sync = self.generator.send_weights(layout, tensors, policy_tag(policy), self.state.device)
+        self.state.wait_for_everyone()
+        self.policy = policy
+        return {"weight_sync_s": sync["seconds"], "weight_sync_gib": sync["bytes"] / 2**30,
+                "weight_sync_restart_s": sync["restart_seconds"]}
+
     def release(self) -> None:
-        """Free the generator's memory for the trainer: a vLLM engine sleeps, a transformers model is dropped."""
+        """Free the generator's memory for the trainer: a vLLM engine sleeps, a transformers model is dropped,
+        a server keeps its own GPUs."""
+        if self.serving:
+            return
         if isinstance(self.generator, VLLMGenerator):
             self.generator.sleep()
         else:
@@ -211,7 +246,7 @@ class PolicySampler:
         return completions, time.perf_counter() - start
 
     def close(self) -> None:
-        if self.generator is not None:
+        if self.generator is not None and not self.serving:  # the server outlives the run
             self.generator.close()
             self.generator = None
 
@@ -296,7 +331,8 @@ class OnlineDPO:
             self.reference_eval_rewards = [r["reward"] for r in load_jsonl(path)]
         if self.reference_eval_rewards is None:
             sampler = PolicySampler(replace(self.recipe, generation=replace(self.recipe.generation,
-                                                                            backend="transformers")), self.reference)
+                                                                            backend="transformers")), self.reference,
+                                    self.state)
             try:
                 scored = self.sample_and_score(sampler, self.eval_rows, 1, (self.recipe.seed, "eval"))
             finally:
@@ -369,8 +405,9 @@ class OnlineDPO:
                  "pair_margin_mean": sum(margins) / len(margins) if margins else 0.0, **timing}
         return samples, pairs, stats
 
-    def train_episode(self, episode: int, pairs: list[dict]) -> dict[str, Any]:
-        """DPO on the episode's pairs, from the previous policy; the policy is saved to episode-NNN/model."""
+    def train_episode(self, episode: int, pairs: list[dict], sampler: PolicySampler) -> dict[str, Any]:
+        """DPO on the episode's pairs, from the previous policy; the policy is saved to episode-NNN/model (and
+        sent to the sampler's server, if it has one)."""
         recipe, directory = self.recipe, self.episode_dir(episode)
         reference = self.reference if recipe.reference_policy == "initial" else self.policy_after(episode - 1)
         step = replace(recipe, model=self.policy_after(episode - 1), reference=reference,
@@ -383,6 +420,7 @@ class OnlineDPO:
             processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
         metrics = fit(trainer, step)
         save_model(trainer, step, directory / "model", step.model)
+        synced = sampler.push(trainer, str(directory / "model")) if sampler.serving else {}
         if self.state.is_main_process:  # checkpoints of a finished episode
             shutil.rmtree(directory / "trainer", ignore_errors=True)
         texts = [self.tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
@@ -394,7 +432,7 @@ class OnlineDPO:
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
         result = {"optimizer": type(optimizer).__name__, "dpo_loss_first": losses[0] if losses else None,
                   "dpo_loss_last": losses[-1] if losses else None, "train_steps": trainer.state.global_step,
-                  "train_tokens_per_s": tokens / runtime if runtime else 0.0}
+                  "train_tokens_per_s": tokens / runtime if runtime else 0.0, **synced}
         del trainer, optimizer  # the policy, reference and optimizer state leave the GPU before sampling resumes
         gc.collect()
         if torch.cuda.is_available():
@@ -410,7 +448,7 @@ class OnlineDPO:
 
     def run_episodes(self) -> list[dict]:
         recipe = self.recipe
-        sampler = PolicySampler(recipe, self.policy_after(0))
+        sampler = PolicySampler(recipe, self.policy_after(0), self.state)
         history = []
         try:
             for episode in range(recipe.episodes + 1):
@@ -425,7 +463,7 @@ class OnlineDPO:
                         metrics |= stats
                         if pairs:
                             sampler.release()
-                            metrics |= self.train_episode(episode, pairs)
+                            metrics |= self.train_episode(episode, pairs, sampler)
                         elif self.state.is_main_process:  # nothing to learn from: the policy goes on unchanged
                             shutil.copytree(self.policy_after(episode - 1), directory / "model", dirs_exist_ok=True)
                         self.state.wait_for_everyone()
@@ -467,7 +505,7 @@ class OnlineDPO:
 
 
 SHOWN = ("sample_reward_mean", "sample_accuracy", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "eval_accuracy",
-         "win_rate_vs_reference", "kl_to_reference")
+         "win_rate_vs_reference", "kl_to_reference", "weight_sync_s")
 
 
 class OnlineDPOStage(Stage):
