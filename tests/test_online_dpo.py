@@ -22,7 +22,7 @@ from alignment.recipe_loader import RecipeError
 from alignment.reward_model import RewardModel
 from alignment.stages import Run
 from alignment.tokenizer import load_tokenizer
-from alignment.train.online_dpo import OnlineDPO, best_and_worst, episode_prompts
+from alignment.train.online_dpo import SHARDED, OnlineDPO, best_and_worst, episode_prompts
 from qwen2_align.demo.arithmetic import math_problems
 from qwen2_align.stage_table import load_recipe, run
 
@@ -268,6 +268,7 @@ def test_two_processes_fsdp2_form_the_pairs_and_weights_of_one(tmp_path):
     run("online-dpo", load_recipe(RECIPE, overrides=_overrides(setup, one)))
     out = _two_processes("fsdp2", setup, two)
     assert out.stderr.count("fsdp2_on_cpu: FSDP2 units:") >= 2, out.stderr[-4000:]  # each episode's policy sharded
+    assert SHARDED in out.stdout  # and the models that are only evaluated
     _assert_same_run(one, two)
 
 
@@ -281,6 +282,7 @@ def test_two_processes_zero3_form_the_pairs_and_weights_of_one(tmp_path):
     run("online-dpo", load_recipe(RECIPE, overrides=_overrides(setup, one) + ["merging.method=none"]))
     out = _two_processes("zero3", setup, two, extra=("merging.method=none",))
     assert out.stderr.count("zero3_on_cpu: ZeRO stage 3") >= 2, out.stderr[-4000:]
+    assert SHARDED in out.stdout
     _assert_same_run(one, two)
     refused = subprocess.run([*TWO_PROCESSES["zero3"], "online-dpo", "--recipe", str(RECIPE), *[
         arg for o in _overrides(setup, tmp_path / "refused") for arg in ("--set", o)]], cwd=ROOT, capture_output=True,

@@ -224,11 +224,36 @@ def load_trained_model(recipe: TrainRecipe, start: str, model_class: type | None
     return (model_class or causal_lm_class(start)).from_pretrained(start, dtype=DTYPES[weights], **kwargs)
 
 
-def load_frozen_model(path: str, recipe: TrainRecipe, device: torch.device | str | None = None):
-    """A model that is only evaluated (the DPO reference), in the compute dtype, without gradients,
-    on `device` (default: CPU)."""
-    model = causal_lm_class(path).from_pretrained(path, dtype=DTYPES[recipe.compute_precision()], device_map=device)
+def load_frozen_model(path: str, recipe: TrainRecipe, device: torch.device | str | None = None,
+                      model_class: type | None = None):
+    """A model that is only evaluated (the DPO reference; `model_class` for another than our causal LM), in the
+    compute dtype, without gradients, on `device` (default: CPU)."""
+    model_class = model_class or causal_lm_class(path)
+    model = model_class.from_pretrained(path, dtype=DTYPES[recipe.compute_precision()], device_map=device)
     return model.eval().requires_grad_(False)
+
+
+def shards_frozen_models() -> bool:
+    """Whether this launch shards the trainer (accelerate's FSDP or DeepSpeed over several processes), and so
+    the models online DPO only evaluates too (`shard_frozen`)."""
+    sharded = os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    return sharded and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def shard_frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A model that is only evaluated, loaded whole on the CPU, sharded over the launched processes with torch's
+    FSDP2 on `device`: one unit per decoder layer and one for the rest, so a forward gathers a layer at a time
+    and a reward or reference model too large for one GPU fits where the trainer does. Every process must
+    then run the same forwards (`in_shares(..., equal_shares=True)`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 @contextmanager

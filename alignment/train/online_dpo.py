@@ -44,7 +44,7 @@ from accelerate import PartialState
 from reward.verifiers import answer_is_correct
 
 from ..atomic import atomic_write_text
-from ..checkpoint import DTYPES, checkpoint_tensors
+from ..checkpoint import checkpoint_tensors, reward_model_class
 from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
 from ..generation import (Completion, GenerationSpec, PolicyServerGenerator, VLLMGenerator, make_generator,
                           policy_tag)
@@ -52,7 +52,7 @@ from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
 from .common import (fit, in_shares, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history,
-                     save_model, whole_models, whole_parameters)
+                     save_model, shard_frozen, shards_frozen_models, whole_models, whole_parameters)
 from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
 
 
@@ -278,11 +278,21 @@ class OnlineDPO:
         self.counts = {"prompts_in": read.read, "quarantined": len(quarantined),
                        "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows)}
         self.tokenizer = load_trainer_tokenizer(recipe.model)
-        dtype = DTYPES[recipe.compute_precision()]
-        with whole_models():
-            self.scorer = RewardModel(recipe.reward_model, dtype=dtype, device=self.state.device) \
-                if recipe.reward_model else None
+        self.sharded = shards_frozen_models()  # the reward model and the held-out KL's models, as the trainer
+        if self.sharded:
+            self.state.print(f"online-dpo: {SHARDED} over {self.state.num_processes} processes (FSDP2, a unit per "
+                             "decoder layer)")
+        self.scorer = RewardModel(recipe.reward_model, model=self.frozen(recipe.reward_model, reward=True)) \
+            if recipe.reward_model else None
         self.reference_eval_rewards: list[float] | None = None
+
+    def frozen(self, path: str, reward: bool = False) -> torch.nn.Module:
+        """A model that is only evaluated, in the compute dtype: whole on this process's device, or sharded over
+        the processes when the trainer is (`shard_frozen`)."""
+        with whole_models():
+            device = None if self.sharded else self.state.device
+            model = load_frozen_model(path, self.recipe, device, reward_model_class(path) if reward else None)
+        return shard_frozen(model, self.state.device) if self.sharded else model
 
     def write(self, path: Path, text: str) -> None:
         """The main process writes the run's files."""
@@ -321,7 +331,7 @@ class OnlineDPO:
             return [{"responses": [c.text for c in cs], "rewards": [next(rewards) for _ in cs],
                      "tokens": sum(c.num_tokens for c in cs), "seconds": seconds} for cs in completions]
 
-        return in_shares(self.state, list(zip(rows, seeds)), share)
+        return in_shares(self.state, list(zip(rows, seeds)), share, equal_shares=self.sharded)
 
     def reference_rewards(self) -> list[float]:
         """The rewards of one sample of the reference model per held-out prompt: sampled and scored once, kept
@@ -355,10 +365,9 @@ class OnlineDPO:
 
         def logprobs(path: str) -> list[float]:
             def share(items: list[tuple[list[dict], list[dict]]]) -> list[float]:
-                with whole_models():
-                    model = load_frozen_model(path, self.recipe, self.state.device)
+                model = self.frozen(path)
                 return completion_logprobs(model, self.tokenizer, [p for p, _ in items], [c for _, c in items])
-            return in_shares(self.state, pairs, share)
+            return in_shares(self.state, pairs, share, equal_shares=self.sharded)
 
         policy_logp, reference_logp = logprobs(policy), logprobs(self.reference)
         accuracy = {} if self.recipe.verifier == "none" else {
@@ -504,6 +513,7 @@ class OnlineDPO:
                         precision={"compute": self.recipe.compute_precision(), "weights": "float32"})
 
 
+SHARDED = "the reward model and the held-out KL's models are sharded"
 SHOWN = ("sample_reward_mean", "sample_accuracy", "pairs_kept", "pair_margin_mean", "eval_reward_mean", "eval_accuracy",
          "win_rate_vs_reference", "kl_to_reference", "weight_sync_s")
 
