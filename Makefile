@@ -11,7 +11,7 @@ STAGES  := generate instag select evolve responses annotate rejection execution 
            assemble pretrain sft rm dpo online-dpo eval
 
 .PHONY: install test test-slow demo init world upcycle check bench gpu-check clean annotators annotate-people annotate-export \
-        execution-if repurpose-roleplay $(STAGES)
+        execution-if repurpose-roleplay serve-policy $(STAGES)
 
 install:
 	# bubblewrap contains model-written code (reward/sandbox.py); chromium runs the annotation app's browser test.
@@ -49,6 +49,10 @@ check:
 
 $(STAGES):
 	$(BIN)/qwen2-align $@ --recipe $(RECIPE)/$@.yaml $(foreach s,$(SET),--set $(s))
+
+# The policy of an online-DPO recipe with `generation.backend: vllm-server`, served until stopped.
+serve-policy:
+	$(BIN)/qwen2-align serve-policy --recipe $(RECIPE)/online-dpo.yaml $(foreach s,$(SET),--set $(s))
 
 # A stage's second recipe: execution for instruction following, repurpose for role-play.
 execution-if repurpose-roleplay:

@@ -10,10 +10,12 @@ saved tensors, or only the layer inputs under gradient checkpointing plus one la
 The LM head costs one chunk of logits (our chunked loss), not the full [tokens, vocab] block.
 
 Online DPO adds what each process holds outside the trainer, phase by phase (`online_dpo_phases`): the
-reward model, whole and resident throughout; while sampling, the policy's generator (a colocated vLLM
-engine claims `gpu_memory_utilization` of the GPU; a transformers generator is the whole model), which
-sleeps or is dropped while the trainer steps; and for the held-out KL, one whole model at a time beside the
-engine. The peak is the largest phase: the trainer's share shrinks with more GPUs, the whole models do not.
+reward model, resident throughout; while sampling, the policy's generator (a colocated vLLM engine claims
+`gpu_memory_utilization` of the GPU; a transformers generator is the whole model; a `vllm-server` policy
+holds nothing here, its own GPUs are planned apart), which sleeps or is dropped while the trainer steps; and
+for the held-out KL, one model at a time beside the engine. On one GPU the reward and KL models are whole; on
+several they are sharded as the trainer is, with one decoder layer gathered at a time. The peak is the
+largest phase: the sharded parts shrink with more GPUs, the engine's share and a whole generator do not.
 """
 
 from __future__ import annotations
@@ -117,23 +119,47 @@ def memory_plan(config: Any, gpus: int, micro_batch: int, seq_len: int, checkpoi
     return plan
 
 
-def online_dpo_phases(recipe: Any, config: Any, recipe_dir: Path | None, gpu_memory_gib: float) -> dict[str, dict[str, float]]:
-    """Bytes per GPU that online DPO holds beside the trainer in each phase (see the module docstring)."""
+def online_dpo_phases(recipe: Any, config: Any, recipe_dir: Path | None, gpu_memory_gib: float,
+                      gpus: int = 1) -> dict[str, dict[str, float]]:
+    """Bytes per GPU that online DPO holds beside the trainer in each phase on `gpus` GPUs (see the module
+    docstring)."""
     weight_bytes = 4 if recipe.compute_precision() == "float32" else 2
-    policy = weight_bytes * count_parameters(config).total
+
+    def frozen(name: str, count: ParameterCount, total: int) -> dict[str, float]:
+        """A model that is only evaluated: whole on one GPU, else sharded with a layer gathered at a time."""
+        if gpus == 1:
+            return {f"{name} (whole)": weight_bytes * total}
+        return {f"{name} (sharded, a layer gathered)": weight_bytes * (total / gpus + max(count.per_layer))}
+
+    policy = count_parameters(config)
     resident = {}
     if recipe.reward_model:
         reward_config = model_config(recipe.reward_model, recipe_dir)
         counted = count_parameters(reward_config)  # a causal LM's count: its LM head is a score head of 1 x hidden
-        reward = weight_bytes * (counted.total - counted.lm_head + reward_config.hidden_size)
-        resident["reward model (whole)"] = reward
+        resident = frozen("reward model", counted, counted.total - counted.lm_head + reward_config.hidden_size)
     if recipe.generation.backend == "vllm":
         engine = {f"vLLM engine ({recipe.generation.gpu_memory_utilization:g} of the GPU)":
                   recipe.generation.gpu_memory_utilization * gpu_memory_gib * GiB}
+    elif recipe.generation.backend == "vllm-server":
+        engine = {}  # on the server's own GPUs: `policy_server_plan`
     else:
-        engine = {"policy generator (whole)": policy}
+        engine = {"policy generator (whole)": weight_bytes * policy.total}
     return {"training": resident, "sampling": engine | resident,
-            "held-out KL": engine | resident | {"policy or reference for log-probs (whole)": policy}}
+            "held-out KL": engine | resident | frozen("policy or reference for log-probs", policy, policy.total)}
+
+
+def policy_server_plan(recipe: Any, config: Any, gpu_memory_gib: float) -> list[str]:
+    """What `serve-policy` holds on each of its own GPUs: the policy's weights split over its tensor
+    parallelism, inside the `gpu_memory_utilization` share vLLM claims (the rest of the share is KV cache)."""
+    generation = recipe.generation
+    weight_bytes = 4 if generation.dtype == "float32" else 2  # auto keeps the checkpoint's (bf16) dtype on a GPU
+    weights = weight_bytes * count_parameters(config).total / generation.tensor_parallel_size
+    claimed = generation.gpu_memory_utilization * gpu_memory_gib * GiB
+    verdict = (f"fits: {(claimed - weights) / GiB:.1f} GiB of each share left for the KV cache" if weights < claimed
+               else "does not fit: more tensor_parallel_size or a larger gpu_memory_utilization")
+    return [f"policy server (generation.backend vllm-server, {generation.tensor_parallel_size} GPU(s) of its own):",
+            f"  weights per GPU {weights / GiB:.2f} GiB of the engine's {claimed / GiB:.2f} GiB "
+            f"({generation.gpu_memory_utilization:g} of the GPU): {verdict}"]
 
 
 def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memory_gib: float = 80.0) -> str:
@@ -148,12 +174,15 @@ def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memo
                            reference_model=recipe.stage in ("dpo", "online-dpo") and recipe.lora is None,
                            lora=recipe.lora is not None)
 
-    online = online_dpo_phases(recipe, config, recipe_dir, gpu_memory_gib) if recipe.stage == "online-dpo" else {}
+    def phases(n: int) -> dict[str, dict[str, float]]:
+        return online_dpo_phases(recipe, config, recipe_dir, gpu_memory_gib, n) if recipe.stage == "online-dpo" else {}
+
+    online = phases(gpus)
 
     def peak(n: int) -> float:
-        trainer = sum(plan_for(n).values())
-        return max([trainer + sum(online.get("training", {}).values())]
-                   + [sum(phase.values()) for name, phase in online.items() if name != "training"]) / GiB
+        trainer, beside = sum(plan_for(n).values()), phases(n)
+        return max([trainer + sum(beside.get("training", {}).values())]
+                   + [sum(phase.values()) for name, phase in beside.items() if name != "training"]) / GiB
 
     plan = plan_for(gpus)
     p = count_parameters(config)
@@ -183,8 +212,10 @@ def render_plan(recipe: Any, gpus: int, recipe_dir: Path | None = None, gpu_memo
         enough = next((n for n in (2 ** i for i in range(11)) if peak(n) <= gpu_memory_gib), None)
         whole = max((sum(v.values()) for k, v in online.items() if k != "training"), default=0) / GiB
         hint = (f"at least {enough} GPUs at this micro-batch" if enough else
-                f"whole models of {whole:.1f} GiB per GPU (the reward model, the generator, the log-prob model): "
-                "a smaller gpu_memory_utilization, or GPUs with more memory" if whole > gpu_memory_gib else
+                f"{whole:.1f} GiB per GPU beside the trainer (the engine's share or a whole generator, the reward and "
+                "log-prob models): a smaller gpu_memory_utilization, or GPUs with more memory" if whole > gpu_memory_gib else
                 "a smaller micro-batch or max_length")
         lines.append(f"does not fit in {gpu_memory_gib:g} GiB per GPU: needs {hint}")
+    if recipe.stage == "online-dpo" and recipe.generation.backend == "vllm-server":
+        lines += policy_server_plan(recipe, config, gpu_memory_gib)
     return "\n".join(lines)

@@ -163,36 +163,50 @@ def test_plan_says_whether_it_fits_and_how_many_gpus_would(tmp_path):
 
 
 def test_plan_of_online_dpo_adds_the_reward_model_and_the_engine_to_each_phase(tmp_path):
-    """Beside the trainer: the whole reward model (a score head of 1 x hidden for the LM head) in every phase, the
-    vLLM engine's share of the GPU while sampling and for the held-out KL, and a whole bf16 model for the KL."""
+    """Beside the trainer on 8 GPUs: the reward model (a score head of 1 x hidden for the LM head) sharded with one
+    decoder layer gathered, in every phase; the colocated vLLM engine's share of the GPU while sampling and for the
+    held-out KL, and the KL's model sharded the same way; a `vllm-server` policy holds nothing on the trainer's
+    GPUs and is planned on its own."""
     _recipe(tmp_path, "rm", "Qwen/Qwen2-7B", 8192)  # runs/plan/rm traces to Qwen2-7B
 
-    def plan(utilization: float):
+    def plan(generation: str):
         path = tmp_path / "online-dpo.yaml"
         path.write_text("stage: online-dpo\nrun_dir: runs/plan/online-dpo\nmodel: Qwen/Qwen2-7B\nreward_model: runs/plan/rm\n"
                         "dtype: bfloat16\ninputs: {prompts: prompts.jsonl}\nmerging: {method: none}\n"
-                        f"generation: {{backend: vllm, gpu_memory_utilization: {utilization}}}\n"
+                        f"generation: {{{generation}}}\n"
                         "training: {max_length: 8192, per_device_train_batch_size: 1, gradient_checkpointing: true}\n")
         out = _cli("plan", "--recipe", str(path), "--gpus", "8")
         assert out.returncode == 0, out.stderr
         return out.stdout, _plan_lines(out.stdout)
 
-    stdout, printed = plan(0.4)
-    reward = 2 * (P_7B - 152_064 * 3_584 + 3_584)
+    h, layer = 3_584, 3_584 * 3_584 * 2 + 3_584 + 2 * (3_584 * 512 + 512) + 2 * 3_584 + 3 * 3_584 * 18_944
+    reward = 2 * ((P_7B - 152_064 * h + h) / 8 + layer)
+    logprob_model = 2 * (P_7B / 8 + layer)
+    stdout, printed = plan("backend: vllm, gpu_memory_utilization: 0.4")
     trainer = printed["total per GPU"] * GIB
-    expected = {"training: reward model (whole)": reward, "training: trainer (above)": trainer,
+    sharded = "(sharded, a layer gathered)"
+    expected = {f"training: reward model {sharded}": reward, "training: trainer (above)": trainer,
                 "training: total per GPU": trainer + reward,
-                "sampling: vLLM engine (0.4 of the GPU)": 32 * GIB, "sampling: reward model (whole)": reward,
+                "sampling: vLLM engine (0.4 of the GPU)": 32 * GIB, f"sampling: reward model {sharded}": reward,
                 "sampling: total per GPU": 32 * GIB + reward,
-                "held-out KL: policy or reference for log-probs (whole)": 2 * P_7B,
-                "held-out KL: total per GPU": 32 * GIB + reward + 2 * P_7B}
+                f"held-out KL: policy or reference for log-probs {sharded}": logprob_model,
+                "held-out KL: total per GPU": 32 * GIB + reward + logprob_model}
     expected["peak per GPU"] = max(expected["training: total per GPU"], expected["held-out KL: total per GPU"])
     for component, nbytes in expected.items():
         assert printed[component] == pytest.approx(nbytes / GIB, abs=0.011), component
     assert f"fits in 80 GiB per GPU ({80 - expected['peak per GPU'] / GIB:.1f} GiB to spare)" in stdout
-    stdout, printed = plan(0.9)
-    assert printed["peak per GPU"] == pytest.approx((72 * GIB + reward + 2 * P_7B) / GIB, abs=0.011)
-    assert "does not fit in 80 GiB per GPU: needs whole models of" in stdout  # more GPUs would not help
+    stdout, printed = plan("backend: vllm, gpu_memory_utilization: 0.95")
+    assert printed["peak per GPU"] == pytest.approx((76 * GIB + reward + logprob_model) / GIB, abs=0.011)
+    assert "does not fit in 80 GiB per GPU: needs at least 16 GPUs at this micro-batch" in stdout  # sharded models
+    stdout, _ = plan("backend: vllm, gpu_memory_utilization: 0.99")  # the engine's share alone leaves too little
+    assert "does not fit in 80 GiB per GPU: needs 83.5 GiB per GPU beside the trainer" in stdout
+
+    stdout, printed = plan("backend: vllm-server, tensor_parallel_size: 4, gpu_memory_utilization: 0.5")
+    assert printed["sampling: total per GPU"] == pytest.approx(reward / GIB, abs=0.011)  # no engine here
+    assert printed["held-out KL: total per GPU"] == pytest.approx((reward + logprob_model) / GIB, abs=0.011)
+    weights = 2 * P_7B / 4 / GIB
+    assert (f"weights per GPU {weights:.2f} GiB of the engine's 40.00 GiB (0.5 of the GPU): fits: "
+            f"{40 - weights:.1f} GiB of each share left for the KV cache") in stdout
 
 
 def test_online_dpo_phases_count_the_bytes_of_the_models_online_dpo_loads(tmp_path):

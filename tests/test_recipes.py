@@ -61,7 +61,7 @@ def test_wrong_types(tmp_path):
     path = _write(tmp_path, "stage: generate\nrun_dir: x\nshard_size: many\n")
     assert _error(path) == f"{path}: shard_size: expected int, got str 'many'"
     path = _write(tmp_path, "stage: generate\nrun_dir: x\ngeneration: {backend: tensorflow}\n")
-    assert "generation.backend: must be one of ['transformers', 'vllm', 'openai']" in _error(path)
+    assert "generation.backend: must be one of ['transformers', 'vllm', 'vllm-server', 'openai']" in _error(path)
     path = _write(tmp_path, "stage: sft\nrun_dir: x\nmodel: m\ntraining: {num_train_epochs: [1]}\n")
     assert _error(path) == f"{path}: training.num_train_epochs: expected float, got list [1]"
 
