@@ -192,6 +192,13 @@ def add_generation_markers(template: str) -> str | None:
     return marked
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+class TokenizerError(ValueError):
+    """A checkpoint's tokenizer cannot be loaded; the message is one line naming the folder."""
+
+
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """A checkpoint's own tokenizer (local dir or Hub id), or the built-in one when none is given.
 
@@ -203,6 +210,11 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """
     if name_or_path is None:
         return qwen2_tokenizer()
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        # transformers would build a tokenizer with an empty vocabulary here, which turns every text into nothing
+        raise TokenizerError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                             "beside the model (`tokenizer.save_pretrained`)")
     tok = AutoTokenizer.from_pretrained(name_or_path)
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
     if template is None:

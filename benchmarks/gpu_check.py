@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--out DIR] [--steps 6]   # on a GPU machine
     python benchmarks/gpu_check.py --dry-run                 # tiny shapes on CPU: the script itself works
 
-Needs torch and transformers only (no trl, vllm or network). Sections, each recorded even if another fails:
+Needs torch and transformers only (no network); the online-DPO section also needs trl and vllm. Sections, each recorded even if another fails:
 1. matmul_peak: measured bf16 matmul TFLOP/s (the MFU denominator).
 2. parity: our backbone against stock transformers on the device (dense and MoE; padded batch,
    fp32 and bf16), and our kernels on the device against float64 on the CPU: packed and padded
@@ -12,7 +12,10 @@ Needs torch and transformers only (no trl, vllm or network). Sections, each reco
 3. sft: bf16 training steps (fp32 master weights, autocast, AdamW) on the qwen2-0.5b shape with
    packed 8K rows: tokens/s, MFU, peak memory next to `plan`'s estimate, the attention kernel used.
 4. packed_attention: `benchmarks/packed_attention.py` on the device (8 x 4,096 tokens, 8 samples).
-5. dca_memory: DCA against SDPA causal at 32K tokens, peak memory and time (forward, bf16).
+5. online_dpo: one online-DPO episode on the qwen2-0.5b shape with a colocated vLLM engine (asleep while
+   DPO steps, then the new weights loaded in place): sleep and sync seconds, tokens/s, peak memory beside
+   `plan`'s phases. Needs trl and vllm; recorded as skipped without them.
+6. dca_memory: DCA against SDPA causal at 32K tokens, peak memory and time (forward, bf16).
 Results: printed, and written to OUT/gpu_check-<device>.json (default benchmarks/results/).
 """
 
@@ -244,6 +247,61 @@ def dca_memory(device: torch.device, tokens: int, heads: int, kv_heads: int, hea
     return result
 
 
+def online_dpo_episode(device: torch.device, preset: str, scratch: Path) -> dict:
+    """One online-DPO episode as a recipe runs it, on `preset`'s shape (random weights): on a GPU the policy
+    samples from a vLLM engine in this process that sleeps while DPO steps and then loads the new weights in
+    place; the sleep and sync times, tokens/s and peak memory beside `plan`'s phases. Needs trl, and vllm on a
+    GPU; skipped without them."""
+    try:
+        import trl  # noqa: F401
+        if device.type == "cuda":
+            import vllm  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"needs trl and, on a GPU, vllm ({e.name} is missing)"}
+    import os
+
+    from alignment.checkpoint import init_checkpoint, reward_model_class
+    from alignment.data import write_rows
+    from alignment.tokenizer import load_tokenizer
+    from qwen2_align.demo.arithmetic import math_problems
+    from qwen2_align.plan import model_config, online_dpo_phases
+    from qwen2_align.stage_table import load_recipe, run
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's memory counted with this process's
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    policy = init_checkpoint(preset, scratch / "policy", seed=0, dtype=dtype, initializer_range=0.02)
+    tokenizer = load_tokenizer(str(policy))
+    reward = reward_model_class(policy).from_pretrained(policy, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    reward.save_pretrained(scratch / "rm")
+    tokenizer.save_pretrained(scratch / "rm")
+    write_rows(scratch / "prompts.jsonl", math_problems(40, seed=1))
+    gpu = device.type == "cuda"
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/tiny/online-dpo.yaml", overrides=[
+        f"run_dir={scratch / 'online-dpo'}", f"model={policy}", f"reference={policy}", f"reward_model={scratch / 'rm'}",
+        f"inputs.prompts={scratch / 'prompts.jsonl'}", "merging.method=none", "verifier=none", "episodes=1",
+        f"prompts_per_episode={32 if gpu else 4}", "samples_per_prompt=4", "eval_prompts=4", "min_reward_margin=0.0",
+        f"dtype={dtype}", f"generation.backend={'vllm' if gpu else 'transformers'}", "generation.temperature=1.0",
+        f"generation.max_new_tokens={128 if gpu else 8}", "generation.gpu_memory_utilization=0.3",
+        "generation.max_model_len=1024", "training.per_device_train_batch_size=4", "training.max_length=512",
+        "training.gradient_checkpointing=true"])
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run("online-dpo", recipe)
+    seconds = time.perf_counter() - start
+    metrics = json.loads((scratch / "online-dpo/episode-001/metrics.json").read_text())
+    phases = online_dpo_phases(recipe, model_config(str(policy)), None,
+                               torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else 80.0)
+    keep = ("samples", "pairs_kept", "generation_tokens_per_s", "train_tokens_per_s", "engine_sleep_s",
+            "weight_sync_s", "dpo_loss_first", "dpo_loss_last", "kl_to_reference")
+    result = {"preset": preset, "backend": recipe.generation.backend, "episode_s": seconds,
+              **{k: metrics[k] for k in keep if k in metrics},
+              "plan_beside_trainer_gib": {name: sum(phase.values()) / 2**30 for name, phase in phases.items()}}
+    if gpu:  # torch's allocator only: vLLM's sleep-mode pool is outside it
+        result["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on whatever device there is (CPU here)")
@@ -269,6 +327,7 @@ def main() -> None:
         "packed_attention": lambda: compare(sample_lengths(2 if dry else 8, 512 if dry else 4096, 8, equal=False),
                                             14, 2, 64, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                             device, 1 if dry else 3, with_mask=not dry),
+        "online_dpo": lambda: online_dpo_episode(device, "tiny" if dry else "qwen2-0.5b", scratch),
         "dca_memory": lambda: dca_memory(device, 1024 if dry else 32768, 4 if dry else 28, 2 if dry else 4,
                                          32 if dry else 128),
     }

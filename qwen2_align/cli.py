@@ -21,6 +21,7 @@ from alignment.generation.policy_server import serve
 from alignment.model import PRESETS
 from alignment.recipe_loader import RecipeError
 from alignment.stages import StageError
+from alignment.tokenizer import TokenizerError
 from alignment.upcycle import upcycle
 from data_synthesis.annotate_app import Annotate
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_table.run(name, recipe, getattr(args, "action", None))
             return 0
         return COMMANDS[name][2](args)
-    except (RecipeError, DataError, StageError, GenerationError, HubError) as e:
+    except (RecipeError, DataError, StageError, GenerationError, HubError, TokenizerError) as e:
         print(f"qwen2-align: {e}", file=sys.stderr)
         return 2
 

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from alignment.tokenizer import CHATML_TEMPLATE, load_tokenizer
+from alignment.tokenizer import CHATML_TEMPLATE, TokenizerError, load_tokenizer
 
 MESSAGES = [
     {"role": "user", "content": "What is 12+30?"},
@@ -156,3 +156,14 @@ def test_a_template_that_cannot_be_marked_is_kept_with_one_warning(tokenizer, tm
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     message = caplog.records[0].getMessage()
     assert message.startswith(path) and "assistant-only loss needs them" in message and "\n" not in message
+
+
+def test_a_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_vocabulary(tokenizer, tmp_path):
+    """transformers loads a model folder with no tokenizer files as a tokenizer of one token that encodes every
+    text to nothing (a reward model saved without its tokenizer scored empty inputs); it is refused by name."""
+    tokenizer.save_pretrained(tmp_path / "with")
+    assert load_tokenizer(str(tmp_path / "with"))("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    (tmp_path / "without").mkdir()
+    (tmp_path / "without" / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(TokenizerError, match=f"{tmp_path / 'without'}: no tokenizer files"):
+        load_tokenizer(str(tmp_path / "without"))

@@ -67,18 +67,25 @@ class PolicyServer:
         return {"completions": [[asdict(c) for c in cs] for cs in completions]}
 
     def begin_weights(self, request: dict) -> dict:
-        """Hold the engine and start its workers receiving (they block until the sender has broadcast all)."""
+        """Hold the engine and start its workers receiving (they block until the sender has broadcast all, or
+        time out). The engine is released when they finish, whether or not /weights/done is called: a sender
+        that dies mid-sync leaves a server that times out and serves again, holding no named policy."""
         self.lock.acquire()
         try:
             port, workers = free_port(self.host), self.engine.workers()
-            self.sync = {"policy": request["policy"], "start": time.perf_counter(), "error": None, "restart": 0.0}
+            sync = {"policy": request["policy"], "start": time.perf_counter(), "error": None, "restart": 0.0}
+            self.sync, self.policy = sync, ""  # until the new weights are in, the engine holds no named policy
 
             def receive() -> None:
                 try:
-                    self.sync["restart"] = self.engine.receive_weights(self.host, port, workers + 1,
-                                                                       request["layout"], self.scratch)
+                    sync["restart"] = self.engine.receive_weights(self.host, port, workers + 1, request["layout"],
+                                                                  self.scratch)
+                    self.policy = sync["policy"]
                 except Exception as e:  # reported to the sender by /weights/done
-                    self.sync["error"] = f"{type(e).__name__}: {e}"
+                    sync["error"] = f"{type(e).__name__}: {e}"
+                finally:
+                    sync["seconds"] = time.perf_counter() - sync["start"]
+                    self.lock.release()
 
             self.receiving = threading.Thread(target=receive, daemon=True)
             self.receiving.start()
@@ -88,18 +95,14 @@ class PolicyServer:
         return {"port": port, "world_size": workers + 1, "dtype": self.engine.weights_dtype()}
 
     def end_weights(self) -> dict:
-        try:
-            if self.receiving is None:
-                raise GenerationError("/weights/done without /weights")
-            self.receiving.join()
-            self.receiving = None
-            if self.sync["error"]:
-                raise GenerationError(f"weight sync failed on the server: {self.sync['error']}")
-            self.policy = self.sync["policy"]
-            return {"seconds": time.perf_counter() - self.sync["start"], "restart_seconds": self.sync["restart"],
-                    "policy": self.policy}
-        finally:
-            self.lock.release()
+        """Wait for the workers of the last /weights and report how it went."""
+        if self.receiving is None:
+            raise GenerationError("/weights/done without /weights")
+        self.receiving.join()
+        sync = self.sync
+        if sync["error"]:
+            raise GenerationError(f"weight sync failed on the server: {sync['error']}")
+        return {"seconds": sync["seconds"], "restart_seconds": sync["restart"], "policy": sync["policy"]}
 
 
 def serve(spec: GenerationSpec, host: str, port: int, scratch: Path) -> None:

@@ -184,6 +184,7 @@ class PolicySampler:
     def __init__(self, recipe: OnlineDPORecipe, policy: str, state: PartialState):
         self.recipe, self.policy, self.state, self.generator = recipe, policy, state, None
         self.released = False
+        self.timings: dict[str, float] = {}  # this episode's weight sync and engine sleep, for its metrics
         if recipe.generation.backend == "vllm-server":
             self.generator = PolicyServerGenerator(recipe.generation)
 
@@ -200,28 +201,32 @@ class PolicySampler:
             return
         if policy == self.policy and not self.released:
             return
-        if isinstance(self.generator, VLLMGenerator):
+        if isinstance(self.generator, VLLMGenerator):  # in place on a GPU, a restart on vLLM's CPU build
+            start = time.perf_counter()
             self.generator.load_weights(policy)
+            self.timings["weight_sync_s"] = time.perf_counter() - start
         elif self.generator is not None:
             self.generator.close()
             self.generator = None
         self.policy, self.released = policy, False
 
-    def push(self, trainer, policy: str) -> dict[str, float]:
+    def push(self, trainer, policy: str) -> None:
         """The trainer's weights, just saved to `policy`, to the server (every process gathers, the main one
-        sends): the server's engine is not reloaded from a checkpoint. Returns the sync's time and size."""
+        sends): the server's engine is not reloaded from a checkpoint. The sync's time and size go to `timings`."""
         layout, tensors = whole_parameters(trainer)
         if not self.state.is_main_process:
             for _ in tensors:  # this process's part of each gather
                 pass
-            self.state.wait_for_everyone()
-            self.policy = policy
-            return {}
-        sync = self.generator.send_weights(layout, tensors, policy_tag(policy), self.state.device)
+        else:
+            sync = self.generator.send_weights(layout, tensors, policy_tag(policy), self.state.device)
+            self.timings |= {"weight_sync_s": sync["seconds"], "weight_sync_gib": sync["bytes"] / 2**30,
+                             "weight_sync_restart_s": sync["restart_seconds"]}
         self.state.wait_for_everyone()
         self.policy = policy
-        return {"weight_sync_s": sync["seconds"], "weight_sync_gib": sync["bytes"] / 2**30,
-                "weight_sync_restart_s": sync["restart_seconds"]}
+
+    def take_timings(self) -> dict[str, float]:
+        timings, self.timings = self.timings, {}
+        return timings
 
     def release(self) -> None:
         """Free the generator's memory for the trainer: a vLLM engine sleeps, a transformers model is dropped,
@@ -229,7 +234,9 @@ class PolicySampler:
         if self.serving:
             return
         if isinstance(self.generator, VLLMGenerator):
+            start = time.perf_counter()
             self.generator.sleep()
+            self.timings["engine_sleep_s"] = time.perf_counter() - start
         else:
             self.close()
         self.released = True
@@ -429,7 +436,8 @@ class OnlineDPO:
             processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
         metrics = fit(trainer, step)
         save_model(trainer, step, directory / "model", step.model)
-        synced = sampler.push(trainer, str(directory / "model")) if sampler.serving else {}
+        if sampler.serving:
+            sampler.push(trainer, str(directory / "model"))
         if self.state.is_main_process:  # checkpoints of a finished episode
             shutil.rmtree(directory / "trainer", ignore_errors=True)
         texts = [self.tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
@@ -441,7 +449,7 @@ class OnlineDPO:
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
         result = {"optimizer": type(optimizer).__name__, "dpo_loss_first": losses[0] if losses else None,
                   "dpo_loss_last": losses[-1] if losses else None, "train_steps": trainer.state.global_step,
-                  "train_tokens_per_s": tokens / runtime if runtime else 0.0, **synced}
+                  "train_tokens_per_s": tokens / runtime if runtime else 0.0}
         del trainer, optimizer  # the policy, reference and optimizer state leave the GPU before sampling resumes
         gc.collect()
         if torch.cuda.is_available():
@@ -476,7 +484,7 @@ class OnlineDPO:
                         elif self.state.is_main_process:  # nothing to learn from: the policy goes on unchanged
                             shutil.copytree(self.policy_after(episode - 1), directory / "model", dirs_exist_ok=True)
                         self.state.wait_for_everyone()
-                    metrics |= self.evaluate(sampler, self.policy_after(episode))
+                    metrics |= self.evaluate(sampler, self.policy_after(episode)) | sampler.take_timings()
                     self.write(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
                     self.state.wait_for_everyone()  # the episode is done on every process before any moves on
                     self.state.print(f"online-dpo: episode {episode}/{recipe.episodes}: "
