@@ -235,25 +235,43 @@ def load_frozen_model(path: str, recipe: TrainRecipe, device: torch.device | str
 
 def shards_frozen_models() -> bool:
     """Whether this launch shards the trainer (accelerate's FSDP or DeepSpeed over several processes), and so
-    the models online DPO only evaluates too (`shard_frozen`)."""
+    the models online DPO only evaluates too (`load_sharded_frozen`)."""
     sharded = os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     return sharded and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def shard_frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A model that is only evaluated, loaded whole on the CPU, sharded over the launched processes with torch's
-    FSDP2 on `device`: one unit per decoder layer and one for the rest, so a forward gathers a layer at a time
-    and a reward or reference model too large for one GPU fits where the trainer does. Every process must
-    then run the same forwards (`in_shares(..., equal_shares=True)`)."""
+def load_sharded_frozen(path: str, model_class: type, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A model that is only evaluated, sharded over the launched processes with torch's FSDP2 on `device`: one
+    unit per decoder layer and one for the rest, so a forward gathers a layer at a time and a reward or reference
+    model too large for one GPU fits where the trainer does. Only the main process reads the checkpoint (into its
+    CPU memory); the others build the model on the meta device and receive their shards and buffers from it.
+    Every process must then run the same forwards (`in_shares(..., equal_shares=True)`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    main = torch.distributed.get_rank() == 0
+    with whole_models():
+        if main:
+            model = model_class.from_pretrained(path, dtype=dtype)
+        else:
+            with torch.device("meta"):
+                model = model_class._from_config(model_class.config_class.from_pretrained(path), dtype=dtype)
+    whole = model.state_dict() if main else {}
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()} if main else {}
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model
+    model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():  # not in the state dict: the rotary tables
+            if main:
+                buffer.copy_(buffers[name])
+            torch.distributed.broadcast(buffer, src=0)
+    return model.eval().requires_grad_(False)
 
 
 @contextmanager

@@ -44,15 +44,15 @@ from accelerate import PartialState
 from reward.verifiers import answer_is_correct
 
 from ..atomic import atomic_write_text
-from ..checkpoint import checkpoint_tensors, reward_model_class
+from ..checkpoint import DTYPES, causal_lm_class, checkpoint_tensors, reward_model_class
 from ..data import DataError, load_jsonl, read_rows, to_jsonl, trl_dataset
 from ..generation import (Completion, GenerationSpec, PolicyServerGenerator, VLLMGenerator, make_generator,
                           policy_tag)
 from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
-from .common import (fit, in_shares, load_frozen_model, load_trained_model, load_trainer_tokenizer, plot_history,
-                     save_model, shard_frozen, shards_frozen_models, whole_models, whole_parameters)
+from .common import (fit, in_shares, load_frozen_model, load_sharded_frozen, load_trained_model, load_trainer_tokenizer,
+                     plot_history, save_model, shards_frozen_models, whole_models, whole_parameters)
 from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
 
 
@@ -295,11 +295,12 @@ class OnlineDPO:
 
     def frozen(self, path: str, reward: bool = False) -> torch.nn.Module:
         """A model that is only evaluated, in the compute dtype: whole on this process's device, or sharded over
-        the processes when the trainer is (`shard_frozen`)."""
+        the processes when the trainer is (`load_sharded_frozen`)."""
+        model_class = reward_model_class(path) if reward else causal_lm_class(path)
+        if self.sharded:
+            return load_sharded_frozen(path, model_class, DTYPES[self.recipe.compute_precision()], self.state.device)
         with whole_models():
-            device = None if self.sharded else self.state.device
-            model = load_frozen_model(path, self.recipe, device, reward_model_class(path) if reward else None)
-        return shard_frozen(model, self.state.device) if self.sharded else model
+            return load_frozen_model(path, self.recipe, self.state.device, model_class)
 
     def write(self, path: Path, text: str) -> None:
         """The main process writes the run's files."""
