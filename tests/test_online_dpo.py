@@ -328,3 +328,33 @@ def test_two_processes_one_rank_killed_mid_episode_resume_to_the_uninterrupted_w
     assert not (killed / "episode-002/metrics.json").exists() and not (killed / "manifest.json").exists()
     _two_processes("ddp", tiny_setup, killed)
     assert (killed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+def test_plan_counts_the_bytes_the_episode_trainer_holds(tiny_setup, tmp_path):
+    """`plan`'s trainer entries for one GPU are the bytes online DPO's trainer holds after a step on the tiny
+    model with a bf16 recipe: float32 weights (the master copy), float32 Adam moments, the reference in bf16."""
+    from alignment.data import trl_dataset
+    from alignment.train.common import load_frozen_model, load_trained_model
+    from alignment.train.online_dpo import MergingDPOTrainer
+    from qwen2_align.plan import memory_plan, model_config
+
+    recipe = load_recipe(RECIPE, overrides=_overrides(tiny_setup, tmp_path) + ["dtype=bfloat16", "merging.method=none",
+                                                                              "training.max_steps=1"])
+    reply = [{"role": "assistant", "content": "It is 5."}], [{"role": "assistant", "content": "no"}]
+    pairs = [{"id": str(i), "prompt": row["messages"], "chosen": reply[0], "rejected": reply[1]}
+             for i, row in enumerate(math_problems(4, seed=1))]
+    trainer = MergingDPOTrainer(model=load_trained_model(recipe, recipe.model),
+                                ref_model=load_frozen_model(recipe.reference, recipe), args=recipe.args,
+                                train_dataset=trl_dataset(pairs, "preference"),
+                                processing_class=load_tokenizer(recipe.model), merging=recipe.merging,
+                                tau_reference=recipe.reference)
+    trainer.train()
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    moments = [t for state in trainer.optimizer.state.values() for k, t in state.items() if k in ("exp_avg", "exp_avg_sq")]
+    plan = memory_plan(model_config(recipe.model), 1, 2, 512, True, reference_model=True)
+    assert nbytes(trainer.model.parameters()) == plan["weights (fp32 master, sharded)"]
+    assert nbytes(moments) == plan["Adam moments (fp32, sharded)"]
+    assert nbytes(trainer.ref_model.parameters()) == plan["reference model (bf16, sharded)"]
