@@ -15,6 +15,7 @@ from alignment.model.loss import CHUNK_ROWS
 from alignment.recipe_loader import RecipeError
 from alignment.stages import write_manifest
 from alignment.reward_model import RewardModel
+from alignment.tokenizer import load_tokenizer
 from alignment.train.common import load_frozen_model
 from qwen2_align.plan import count_parameters, model_config, online_dpo_phases
 from qwen2_align.stage_table import load_recipe
@@ -216,6 +217,7 @@ def test_online_dpo_phases_count_the_bytes_of_the_models_online_dpo_loads(tmp_pa
         policy = init_checkpoint(preset, tmp_path / preset, seed=0, num_hidden_layers=2)
         reward = reward_model_class(policy).from_pretrained(policy, num_labels=1)
         reward.save_pretrained(tmp_path / f"{preset}-rm")
+        load_tokenizer(str(policy)).save_pretrained(tmp_path / f"{preset}-rm")
         recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/tiny/online-dpo.yaml", overrides=[
             f"model={policy}", f"reward_model={tmp_path / f'{preset}-rm'}", "dtype=float32"])
         phases = online_dpo_phases(recipe, model_config(str(policy)), None, 80.0)
