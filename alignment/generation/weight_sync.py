@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import DTYPES
+
 TIMEOUT = datetime.timedelta(minutes=10)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def open_group(host: str, port: int, rank: int, world_size: int, device: torch.device):
@@ -64,7 +65,7 @@ class WeightReceiver:
         rank = self.rank  # the worker's rank among the engine's workers  # type: ignore[attr-defined]
         device = self.device  # type: ignore[attr-defined]
         group = open_group(host, port, rank, world_size, device)
-        tensors = received(group, [(name, shape) for name, shape in layout], device, DTYPES[dtype])
+        tensors = received(group, layout, device, DTYPES[dtype])
         if save_to is None:
             self.model_runner.model.load_weights(weights=tensors)  # type: ignore[attr-defined]
             return len(layout)

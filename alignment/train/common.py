@@ -41,8 +41,8 @@ from accelerate.utils import gather_object, patch_environment
 from matplotlib.figure import Figure
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
-from torch.distributed.tensor import DTensor
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend
 from transformers.integrations import deepspeed as hf_deepspeed
 

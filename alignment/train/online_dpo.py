@@ -194,8 +194,9 @@ class PolicySampler:
 
     def use(self, policy: str) -> None:
         if self.serving:  # the main process sends the checkpoint if the server holds another policy
-            if self.state.is_main_process and self.generator.policy() != policy_tag(policy):
-                self.generator.send_weights(*checkpoint_tensors(policy), policy_tag(policy), self.state.device)
+            tag = policy_tag(policy)
+            if self.state.is_main_process and self.generator.policy() != tag:
+                self.generator.send_weights(*checkpoint_tensors(policy), tag, self.state.device)
             self.state.wait_for_everyone()
             self.policy = policy
             return
