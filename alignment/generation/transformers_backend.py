@@ -1,16 +1,19 @@
-"""The `transformers` backend: our backbone's batched `generate` with a KV cache and left padding, on this
-process's device (`local_device`). With a seed per prompt (`SamplingParams.seeds`) each prompt is generated on its
-own, unpadded: torch draws from one generator per call, so only that keeps a prompt's samples independent of
-its batch."""
+"""The `transformers` backend: our backbone decoding left-padded batches with a KV cache (`decoding.decode`) on
+this process's device (`local_device`). With a seed per prompt (`SamplingParams.seeds`) each prompt is decoded on
+its own, unpadded: a row's draws depend on its place in the batch and its logits on the padding, so only that
+keeps a prompt's samples independent of the prompts beside it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..checkpoint import load_causal_lm, local_device
 from ..tokenizer import load_tokenizer
 from .base import Completion, GenerationSpec, Generator, Prompt, SamplingParams
+from .decoding import Sampler, decode
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[str]:
@@ -36,21 +39,6 @@ class TransformersGenerator(Generator):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
 
-    def _config(self, p: SamplingParams) -> GenerationConfig:
-        sample = p.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=p.max_new_tokens,
-            do_sample=sample,
-            temperature=p.temperature if sample else None,
-            top_p=p.top_p if sample else None,
-            top_k=(p.top_k if p.top_k > 0 else None) if sample else None,
-            repetition_penalty=p.repetition_penalty,
-            num_return_sequences=p.n if sample else 1,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=p.stop or None,
-        )
-
     def _batches(self, count: int, params: SamplingParams) -> list[tuple[slice, int | None]]:
         """(prompts, seed) of each generate() call: a prompt alone with its own seed, or `batch_size` prompts
         seeded `seed` + the batch's number."""
@@ -64,26 +52,33 @@ class TransformersGenerator(Generator):
 
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        config = self._config(params)
+        sampler = Sampler(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+        samples = params.n if params.temperature > 0 else 1  # greedy has one answer, repeated to give n
         texts = render_prompts(self.tokenizer, prompts)
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         results: list[list[Completion]] = []
         try:
             for batch, seed in self._batches(len(texts), params):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                enc = self.tokenizer(texts[batch], return_tensors="pt", padding=True)
-                enc = enc.to(self.model.device)
-                out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
-                new = out[:, enc["input_ids"].shape[1] :]  # [b * n, generated]
+                generator = torch.Generator(self.model.device)
+                generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+                enc = self.tokenizer(texts[batch], return_tensors="pt", padding=True).to(self.model.device)
+                new = decode(self.model, enc["input_ids"], enc["attention_mask"], sampler, samples,
+                             params.max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id, generator,
+                             self._stop_check(params.stop))  # [b * samples, generated]
                 completions = [self._completion(row, params.stop) for row in new]
-                per_prompt = config.num_return_sequences
-                # Greedy decoding has one answer: it is repeated to give n completions.
-                results += [completions[i : i + per_prompt] * (params.n // per_prompt)
-                            for i in range(0, len(completions), per_prompt)]
+                results += [completions[i : i + samples] * (params.n // samples)
+                            for i in range(0, len(completions), samples)]
         finally:
             self.tokenizer.padding_side = side
         return results
+
+    def _stop_check(self, stop: list[str]) -> Callable[[list[int]], bool] | None:
+        """Whether a row's new tokens hold a stop string: the text of its last few tokens is read, enough for the
+        longest stop string (a token is at least one character)."""
+        if not stop:
+            return None
+        tail = max(len(s) for s in stop) + 1
+        return lambda ids: any(s in self.tokenizer.decode(ids[-tail:]) for s in stop)
 
     def _completion(self, ids: torch.Tensor, stop: list[str]) -> Completion:
         ids = ids.tolist()

@@ -4,7 +4,7 @@ recipe -> data -> model -> trainer -> artifacts, on the run lifecycle of `alignm
     class SFTStage(TrainerStage):                     # TrainerStage.run: Run.start, then
         def train(self, run, data):                   #   data = load_training_data(recipe, kind, run)
             trainer = TRLTrainer(model=load_trained_model(recipe), args=recipe.args, ...)
-            metrics = fit(trainer, recipe)            # resumes from the last checkpoint
+            metrics = fit(trainer, recipe, run.started)  # resumes from the last checkpoint
             save_model(trainer, recipe, run.run_dir)  # LoRA merged, in the starting checkpoint's dtype
             return trainer, metrics                   #   write_run_artifacts: metrics, curves, manifest
 
@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
-from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, TokenizersBackend, TrainerCallback
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..atomic import atomic_write_text
@@ -343,15 +344,32 @@ def use_native_lm_head(model) -> None:
         del base.forward
 
 
-def fit(trainer, recipe: TrainRecipe) -> dict[str, Any]:
+class StartupClock(TrainerCallback):
+    """Seconds from `started` to the first training step: what a run waits before it trains."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.seconds: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.started
+
+
+def fit(trainer, recipe: TrainRecipe, started: float) -> dict[str, Any]:
     """Train, resuming from `training.resume_from_checkpoint` if the recipe names one, else from the
-    run dir's last checkpoint (a killed run goes on where it stopped). Returns the training metrics."""
+    run dir's last checkpoint (a killed run goes on where it stopped). Returns the training metrics, with
+    `startup_s` from `started` (a `time.perf_counter()`, such as the run's start) to the first step."""
     run_dir = Path(recipe.run_dir)
     resume = trainer.args.resume_from_checkpoint or last_complete_checkpoint(run_dir)
+    clock = StartupClock(started)
+    trainer.add_callback(clock)
     result = trainer.train(resume_from_checkpoint=resume)
+    trainer.remove_callback(clock)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
-            "last_logged_loss": losses[-1] if losses else None, "train_runtime_s": result.metrics["train_runtime"]}
+            "last_logged_loss": losses[-1] if losses else None, "train_runtime_s": result.metrics["train_runtime"],
+            "startup_s": clock.seconds}
 
 
 def last_complete_checkpoint(run_dir: Path) -> str | None:

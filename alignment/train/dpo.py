@@ -114,7 +114,7 @@ class DPOStage(TrainerStage):
             with whole_models():  # under FSDP2 TRL shards it as each process loaded it, broadcasting nothing
                 reference = load_frozen_model(recipe.reference or start, recipe)
         trainer = build_dpo_trainer(recipe, data, start, reference)
-        metrics = fit(trainer, recipe)
+        metrics = fit(trainer, recipe, run.started)
         save_model(trainer, recipe, run.run_dir, start)
         metrics |= heldout_margins(trainer, data.eval)
         return trainer, metrics

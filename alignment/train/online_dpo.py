@@ -426,6 +426,7 @@ class OnlineDPO:
     def train_episode(self, episode: int, pairs: list[dict], sampler: PolicySampler) -> dict[str, Any]:
         """DPO on the episode's pairs, from the previous policy; the policy is saved to episode-NNN/model (and
         sent to the sampler's server, if it has one)."""
+        started = time.perf_counter()
         recipe, directory = self.recipe, self.episode_dir(episode)
         reference = self.reference if recipe.reference_policy == "initial" else self.policy_after(episode - 1)
         step = replace(recipe, model=self.policy_after(episode - 1), reference=reference,
@@ -436,7 +437,7 @@ class OnlineDPO:
             model=load_trained_model(step, step.model), ref_model=reference_model,
             args=step.args, train_dataset=trl_dataset(pairs, "preference"),
             processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
-        metrics = fit(trainer, step)
+        metrics = fit(trainer, step, started)
         save_model(trainer, step, directory / "model", step.model)
         if sampler.serving:
             sampler.push(trainer, str(directory / "model"))
@@ -451,7 +452,8 @@ class OnlineDPO:
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
         result = {"optimizer": type(optimizer).__name__, "dpo_loss_first": losses[0] if losses else None,
                   "dpo_loss_last": losses[-1] if losses else None, "train_steps": trainer.state.global_step,
-                  "train_tokens_per_s": tokens / runtime if runtime else 0.0}
+                  "train_tokens_per_s": tokens / runtime if runtime else 0.0,
+                  "trainer_startup_s": metrics["startup_s"]}
         del trainer, optimizer  # the policy, reference and optimizer state leave the GPU before sampling resumes
         gc.collect()
         if torch.cuda.is_available():

@@ -39,7 +39,7 @@ class RewardStage(TrainerStage):
         model = load_trained_model(recipe, start, reward_model_class(start), num_labels=1,
                                    pad_token_id=tokenizer.pad_token_id)
         trainer = RewardTrainer(model=model, **trainer_arguments(recipe, data, tokenizer))
-        metrics = fit(trainer, recipe)
+        metrics = fit(trainer, recipe, run.started)
         save_model(trainer, recipe, run.run_dir, start, reward_model_class(start))
         if data.eval:  # the trained model, through the scoring API online DPO uses
             scorer = RewardModel(start, model=trainer.model)

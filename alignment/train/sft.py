@@ -88,7 +88,7 @@ class SFTStage(TrainerStage):
 
     def train(self, run: Run, data: TrainingData, start: str) -> tuple[Qwen2SFTTrainer, dict[str, Any]]:
         trainer = build_sft_trainer(self.recipe, data, start)
-        metrics = fit(trainer, self.recipe)
+        metrics = fit(trainer, self.recipe, run.started)
         metrics["train_tokens_per_s"] = trainer._total_train_tokens / max(metrics["train_runtime_s"], 1e-9)
         if data.eval:
             metrics |= {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
