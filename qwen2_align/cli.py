@@ -8,6 +8,7 @@ traceback, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # What the imports built is never garbage: frozen, it is not rescanned by every collection the trainers ask for
+    # (accelerate collects before training; ~0.3 s each with torch, transformers and TRL loaded).
+    gc.freeze()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     name = args.command

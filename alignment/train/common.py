@@ -36,7 +36,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from unittest.mock import patch
 
+import datasets.fingerprint
 import torch
 from accelerate.utils import gather_object, patch_environment
 from matplotlib.figure import Figure
@@ -273,6 +275,17 @@ def load_sharded_frozen(path: str, model_class: type, dtype: torch.dtype, device
                 buffer.copy_(buffers[name])
             torch.distributed.broadcast(buffer, src=0)
     return model.eval().requires_grad_(False)
+
+
+@contextmanager
+def unhashed_datasets() -> Iterator[None]:
+    """Within it (around a TRL trainer's construction), `datasets` names each transform's result with a random
+    fingerprint instead of pickling the transform and its arguments, the tokenizer among them (~0.4 s a trainer).
+    Our trainers' datasets are in memory (`Dataset.from_list`), where a fingerprint names no cache file: nothing is
+    lost. The names come from `datasets`' own generator, not the global random state training draws from."""
+    with patch.object(datasets.fingerprint, "update_fingerprint",
+                      lambda fingerprint, transform, arguments: datasets.fingerprint.generate_random_fingerprint()):
+        yield
 
 
 @contextmanager

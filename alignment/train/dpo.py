@@ -17,8 +17,8 @@ from trl import DPOConfig, DPOTrainer
 
 from ..stages import Run
 from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_frozen_model, load_trained_model,
-                     load_trainer_tokenizer, save_model, score_with_trainer, trainer_arguments, use_native_lm_head,
-                     whole_models)
+                     load_trainer_tokenizer, save_model, score_with_trainer, trainer_arguments, unhashed_datasets,
+                     use_native_lm_head, whole_models)
 
 
 @dataclass
@@ -74,10 +74,11 @@ def pair_margins(model, tokenizer, pairs: list[dict]) -> list[float]:
 def build_dpo_trainer(recipe: DPORecipe, data: TrainingData, start: str, reference) -> Qwen2DPOTrainer:
     """The policy to train (from checkpoint `start`) and TRL's DPO trainer around it; `reference` is the frozen
     reference model."""
-    return Qwen2DPOTrainer(
-        model=load_trained_model(recipe, start),
-        ref_model=None if recipe.lora is not None else reference,  # with LoRA the adapter-free model is the reference
-        **trainer_arguments(recipe, data, load_trainer_tokenizer(start)))
+    model, tokenizer = load_trained_model(recipe, start), load_trainer_tokenizer(start)
+    with unhashed_datasets():
+        return Qwen2DPOTrainer(
+            model=model, ref_model=None if recipe.lora is not None else reference,  # with LoRA: the adapter-free model
+            **trainer_arguments(recipe, data, tokenizer))
 
 
 def heldout_margins(trainer: Qwen2DPOTrainer, pairs: list[dict]) -> dict:

@@ -52,7 +52,7 @@ from ..optim import MERGING_OPTIMIZERS
 from ..reward_model import RewardModel
 from ..stages import Run, Stage, StageError
 from .common import (fit, in_shares, load_frozen_model, load_sharded_frozen, load_trained_model, load_trainer_tokenizer,
-                     plot_history, save_model, shards_frozen_models, whole_models, whole_parameters)
+                     plot_history, save_model, shards_frozen_models, unhashed_datasets, whole_models, whole_parameters)
 from .dpo import DPORecipe, Qwen2DPOTrainer, completion_logprobs
 
 
@@ -433,10 +433,11 @@ class OnlineDPO:
                        run_dir=str(directory / "trainer"))
         with whole_models():  # under FSDP2 TRL shards the reference as each process loaded it
             reference_model = load_frozen_model(reference, step)
-        trainer = MergingDPOTrainer(
-            model=load_trained_model(step, step.model), ref_model=reference_model,
-            args=step.args, train_dataset=trl_dataset(pairs, "preference"),
-            processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
+        model = load_trained_model(step, step.model)
+        with unhashed_datasets():
+            trainer = MergingDPOTrainer(
+                model=model, ref_model=reference_model, args=step.args, train_dataset=trl_dataset(pairs, "preference"),
+                processing_class=self.tokenizer, merging=recipe.merging, tau_reference=self.reference)
         metrics = fit(trainer, step, started)
         save_model(trainer, step, directory / "model", step.model)
         if sampler.serving:

@@ -17,7 +17,7 @@ from ..checkpoint import reward_model_class
 from ..reward_model import RewardModel
 from ..stages import Run
 from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_trained_model, load_trainer_tokenizer,
-                     save_model, score_with_trainer, trainer_arguments)
+                     save_model, score_with_trainer, trainer_arguments, unhashed_datasets)
 
 
 @dataclass
@@ -38,7 +38,8 @@ class RewardStage(TrainerStage):
         set_seed(recipe.seed)  # the new score head's initial weights: the same however the run is launched
         model = load_trained_model(recipe, start, reward_model_class(start), num_labels=1,
                                    pad_token_id=tokenizer.pad_token_id)
-        trainer = RewardTrainer(model=model, **trainer_arguments(recipe, data, tokenizer))
+        with unhashed_datasets():
+            trainer = RewardTrainer(model=model, **trainer_arguments(recipe, data, tokenizer))
         metrics = fit(trainer, recipe, run.started)
         save_model(trainer, recipe, run.run_dir, start, reward_model_class(start))
         if data.eval:  # the trained model, through the scoring API online DPO uses

@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..stages import Run
 from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_trained_model, load_trainer_tokenizer,
-                     save_model, trainer_arguments, use_native_lm_head)
+                     save_model, trainer_arguments, unhashed_datasets, use_native_lm_head)
 
 
 @dataclass
@@ -77,8 +77,9 @@ class Qwen2SFTTrainer(SFTTrainer):
 
 def build_sft_trainer(recipe: SFTRecipe, data: TrainingData, start: str) -> Qwen2SFTTrainer:
     """The model to train (from checkpoint `start`) and TRL's SFT trainer around it, as the recipe says."""
-    return Qwen2SFTTrainer(model=load_trained_model(recipe, start),
-                           **trainer_arguments(recipe, data, load_trainer_tokenizer(start)))
+    model, tokenizer = load_trained_model(recipe, start), load_trainer_tokenizer(start)
+    with unhashed_datasets():
+        return Qwen2SFTTrainer(model=model, **trainer_arguments(recipe, data, tokenizer))
 
 
 class SFTStage(TrainerStage):
