@@ -82,7 +82,7 @@ upcycle:
 bench:
 	$(BIN)/python benchmarks/backbone.py
 	$(BIN)/python benchmarks/moe.py
-	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/decontam.py
 	$(BIN)/python benchmarks/sandbox.py

@@ -1,6 +1,16 @@
-"""SFT and DPO training throughput: stock TRL vs ours, same tiny model and data, one process.
+"""SFT and DPO training throughput: stock TRL vs ours, same model shape and data, one process.
 
     python benchmarks/train_throughput.py [--steps 6] [--rounds 2] [--batch 8] [--rows 512] [--no-packing]
+    python benchmarks/train_throughput.py --quick               # make bench: ours vs stock's fastest, one round
+    python benchmarks/train_throughput.py --shape qwen2-0.5b    # the smallest real model's shape (896 x 24)
+
+`--quick` runs only stock's fastest setting for this CPU (no gradient checkpointing, the precision the probe
+picks) against ours, one round of 4 steps on 128 rows, and prints the same ratios. `--shape qwen2-0.5b` trains a
+randomly initialised model of Qwen2-0.5B's shape: SFT on packed 2,048-token rows (batch 1), DPO (batch 4), a few
+steps each, stock's fastest vs ours; it also prints the share of the CPU's measured matmul rate that the model's
+matmul FLOPs reach (6 per parameter per trained token, 8 for DPO's policy plus reference; attention, short in
+these rows, not counted) and `plan`'s memory estimate for one GPU beside the measured peak (plan counts bf16
+activations; a CPU run in fp32 holds them in fp32).
 
 Stock: TRL's SFTTrainer / DPOTrainer on stock transformers' Qwen2, at TRL's defaults (bf16
 autocast, gradient checkpointing, TRL's own chunked LM head) and at its fastest settings
@@ -78,7 +88,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--no-packing", action="store_true", help="SFT: one conversation per row")
+    ap.add_argument("--quick", action="store_true", help="stock's fastest vs ours, one round of 4 steps, 128 rows")
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen2-0.5b"])
     a = ap.parse_args()
+    real_shape = a.shape != "tiny"
+    if a.quick or real_shape:
+        a.rounds, a.steps = 1, 4
+        a.rows = min(a.rows, 128 if a.quick else 256)
+    sft_length, sft_batch, dpo_batch = (2048, 1, 4) if real_shape else (512, a.batch, a.batch)
 
     import statistics
 
@@ -102,8 +119,10 @@ def main() -> None:
     demos, prefs = arithmetic_sets(a.rows, a.rows, seed=0)
     sft_data = datasets.Dataset.from_list([{"messages": r["messages"]} for r in demos])
     dpo_data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in prefs])
-    common = dict(max_steps=a.steps, per_device_train_batch_size=a.batch, logging_steps=1, report_to="none",
-                  save_strategy="no", disable_tqdm=True, use_cpu=True, max_length=512)
+    common = dict(max_steps=a.steps, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+                  use_cpu=True)
+    sizes = {"sft": dict(per_device_train_batch_size=sft_batch, max_length=sft_length),
+             "dpo": dict(per_device_train_batch_size=dpo_batch, max_length=512)}
     no_ckpt = {"gradient_checkpointing": False}
     variants = {  # name -> (ours, config)
         "stock defaults (bf16, grad ckpt)": (False, {}),
@@ -111,6 +130,9 @@ def main() -> None:
         "stock bf16 (no grad ckpt)": (False, {"bf16": True, **no_ckpt}),
         f"ours (auto: {probe.dtype}, no grad ckpt)": (True, {"bf16": ours_bf16, **no_ckpt}),
     }
+    if a.quick or real_shape:  # stock's fastest for this CPU only
+        stock_fastest = "stock bf16 (no grad ckpt)" if ours_bf16 else "stock fastest fp32 (no grad ckpt)"
+        variants = {name: v for name, v in variants.items() if v[0] or name == stock_fastest}
     bf16_usable = probe.bf16_speedup >= 0.2
     skipped = {name: f"bf16 matmul {probe.bf16_speedup:.2f}x fp32 on this CPU" for name, (_, extra) in variants.items()
                if extra.get("bf16", True) and not bf16_usable}
@@ -118,7 +140,7 @@ def main() -> None:
                                           for stage in ("sft", "dpo")}
     peaks: dict[str, dict[str, list]] = {stage: {name: [] for name in speeds[stage]} for stage in speeds}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(init_checkpoint("tiny", Path(tmp) / "tiny", seed=0))
+        model_dir = str(init_checkpoint(a.shape, Path(tmp) / a.shape, seed=0))
         tok = load_tokenizer(model_dir)
         for round_index in range(a.rounds):
             for name, (ours, extra) in variants.items():
@@ -131,12 +153,13 @@ def main() -> None:
                         if stage == "sft":
                             trainer = (Qwen2SFTTrainer if ours else SFTTrainer)(
                                 model=cls.from_pretrained(model_dir), processing_class=tok, train_dataset=sft_data,
-                                args=SFTConfig(output_dir=f"{tmp}/out", packing=not a.no_packing, **common, **extra))
+                                args=SFTConfig(output_dir=f"{tmp}/out", packing=not a.no_packing, **common,
+                                               **sizes["sft"], **extra))
                         else:
                             trainer = (Qwen2DPOTrainer if ours else DPOTrainer)(
                                 model=cls.from_pretrained(model_dir), ref_model=cls.from_pretrained(model_dir),
                                 processing_class=tok, train_dataset=dpo_data,
-                                args=DPOConfig(output_dir=f"{tmp}/out", **common, **extra))
+                                args=DPOConfig(output_dir=f"{tmp}/out", **common, **sizes["dpo"], **extra))
                         speed = _timed_train(trainer)
                     speeds[stage][name].append(speed)
                     peaks[stage][name].append(mem.peak)
@@ -159,8 +182,38 @@ def main() -> None:
                         if n != fastest))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
-    write_result("train_throughput-tiny", {"args": vars(a), "probe": vars(probe), "results": results,
-                                           "skipped": skipped})
+    extra = real_shape_figures(a, model_config_of(a.shape), probe, results, ours_name, sft_length, sft_batch,
+                               dpo_batch) if real_shape else {}
+    write_result(f"train_throughput-{a.shape}{'-quick' if a.quick else ''}",
+                 {"args": vars(a), "probe": vars(probe), "results": results, "skipped": skipped, **extra})
+
+
+def model_config_of(preset: str):
+    from alignment.model import preset_config
+
+    return preset_config(preset)
+
+
+def real_shape_figures(a, config, probe, results: dict, ours_name: str, sft_length: int, sft_batch: int,
+                       dpo_batch: int) -> dict:
+    """Matmul share and plan's memory estimate beside the measured figures, printed and returned."""
+    from qwen2_align.plan import count_parameters, memory_plan
+
+    counts = count_parameters(config)
+    matmul_params = sum(counts.per_layer) + config.vocab_size * config.hidden_size  # the LM head is a matmul too
+    figures = {}
+    for stage, flops_per_param, (batch, length) in (("sft", 6, (sft_batch, sft_length)), ("dpo", 8, (dpo_batch, 512))):
+        plan_mb = sum(memory_plan(config, 1, batch, length, False, reference_model=stage == "dpo").values()) / 2**20
+        figures[stage] = {}
+        for name, r in results[stage].items():
+            bf16 = probe.dtype == "bfloat16" if name == ours_name else "stock bf16" in name
+            peak_gflops = probe.bf16_gflops if bf16 else probe.fp32_gflops
+            share = r["tokens_per_s"] * flops_per_param * matmul_params / 1e9 / peak_gflops
+            figures[stage][name] = {"matmul_share": share, "plan_mb": plan_mb}
+            print(f"{stage.upper()} {name}: {share:.0%} of the measured {'bf16' if bf16 else 'fp32'} matmul rate "
+                  f"({peak_gflops:.0f} GFLOP/s); peak +{r['peak_mb']:.0f} MB vs plan {plan_mb:.0f} MB "
+                  f"({r['peak_mb'] / plan_mb:.2f}x)")
+    return {"real_shape": figures}
 
 
 if __name__ == "__main__":

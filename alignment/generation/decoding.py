@@ -125,6 +125,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler
         seen = torch.zeros(rows, logits.size(-1), dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.repeat_interleave(samples, 0), attention_mask.bool().repeat_interleave(samples, 0))
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    if max_new_tokens == 0:
+        return out
     live = torch.arange(rows, device=device)  # the rows still in the batch, by their index in `out`
     eos = torch.tensor(eos_ids, device=device)
     for step in range(max_new_tokens):
