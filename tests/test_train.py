@@ -57,6 +57,7 @@ def test_sft_loss_falls_and_saves_a_standard_checkpoint(setup):
     assert m["last_logged_loss"] < 0.7 * m["first_logged_loss"]
     assert manifest["counts"] == {"rows_in": 96, "quarantined": 0, "merged_into_pairs": 0, "train": 72, "eval": 24}
     assert "eval_loss" in m and manifest["steps"] == 12
+    assert m["startup_s"] < manifest["duration_s"] - m["train_runtime_s"]  # the wait before the first step, recorded
     assert (root / "sft" / "curves.png").stat().st_size > 0
     stock = transformers.AutoModelForCausalLM.from_pretrained(root / "sft")  # stock transformers loads it
     assert type(stock).__name__ == "Qwen2ForCausalLM"
@@ -248,3 +249,33 @@ def test_sft_and_dpo_train_on_hub_data_sets_as_users_have_them(setup, tmp_path):
         manifest = run(stage, load_recipe(path))
         assert manifest["counts"] == {"rows_in": sizes[train_split] + sizes[eval_split], "quarantined": 0,
                                       "merged_into_pairs": 0, "train": sizes[train_split], "eval": sizes[eval_split]}
+
+
+def test_trainer_datasets_are_not_hashed_and_training_randomness_is_untouched():
+    """Inside `unhashed_datasets` (around a TRL trainer's construction) `datasets` pickles no map argument, the
+    tokenizer among them, and draws its fingerprints from its own generator, not the global random state."""
+    import random
+
+    import datasets
+
+    from alignment.train.common import unhashed_datasets
+
+    class Counted:
+        pickled = 0
+
+        def __reduce__(self):
+            Counted.pickled += 1
+            return (Counted, ())
+
+    rows = datasets.Dataset.from_list([{"x": i} for i in range(4)])
+    add = lambda row, argument: {"y": row["x"] + 1}  # noqa: E731
+    rows.map(add, fn_kwargs={"argument": Counted()})
+    assert Counted.pickled > 0  # outside: hashed for the fingerprint
+    Counted.pickled = 0
+    random.seed(3)
+    state = random.getstate()
+    with unhashed_datasets():
+        first = rows.map(add, fn_kwargs={"argument": Counted()})
+        second = rows.map(add, fn_kwargs={"argument": Counted()})
+    assert Counted.pickled == 0 and random.getstate() == state
+    assert first["y"] == [1, 2, 3, 4] and first._fingerprint != second._fingerprint
