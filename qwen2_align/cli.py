@@ -279,8 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # What the imports built is never garbage: frozen, it is not rescanned by every collection the trainers ask for
-    # (accelerate collects before training; ~0.3 s each with torch, transformers and TRL loaded).
+    # (accelerate collects before training; ~0.3 s each with torch, transformers and TRL loaded). Unfrozen at the
+    # end, so that the interpreter's last collection frees it (nanobind extensions report leaks otherwise).
     gc.freeze()
+    try:
+        return _run_command(argv)
+    finally:
+        gc.unfreeze()
+
+
+def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     name = args.command
