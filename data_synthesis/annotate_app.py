@@ -582,23 +582,32 @@ class PeopleExportStage(DataStage):
     def input_files(self) -> dict[str, str]:
         return {"annotations": str(self.snapshot)}
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def prepare(self, rows: list[dict], side_inputs: dict[str, list[dict]]) -> None:
         with closing(sqlite3.connect(f"file:{self.snapshot}?mode=ro", uri=True)) as db:
             db.row_factory = sqlite3.Row
             self.digests = {r["id"]: r["digest"] for r in db.execute("SELECT id, digest FROM items")}
             self.annotations = annotations_by_item(db)
-        self.seen: set[str] = set()
+        self.duplicates: set[int] = set()  # positions of rows whose id an earlier exported row has
+        exported: set[str] = set()
+        for position, row in enumerate(rows):
+            if item_problem(row):
+                continue
+            if row["id"] in exported:
+                self.duplicates.add(position)
+            elif self.digests.get(row["id"], digest(row)) == digest(row):
+                exported.add(row["id"])
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        for row in rows:
-            problem = item_problem(row) or (f"id: duplicate id {row['id']!r}" if row["id"] in self.seen else None)
+        start = ctx.index * self.recipe.shard_size
+        for position, row in enumerate(rows, start):
+            duplicate = f"id: duplicate id {row['id']!r}" if position in self.duplicates else None
+            problem = item_problem(row) or duplicate
             if not problem and row["id"] in self.digests and self.digests[row["id"]] != digest(row):
                 problem = f"id: {row['id']!r} differs from the version people annotated"
             if problem:
                 outcomes.append(Quarantined(problem, row))
                 continue
-            self.seen.add(row["id"])
             ranking = item_ranking(row, self.annotations.get(row["id"], []), self.recipe)
             rows_out = export(row, ranking, None, self.recipe.pairs_per_item, ctx.seed) \
                 if ranking["status"] == "ranked" else {}

@@ -145,7 +145,7 @@ class AssembleStage(DataStage):
     def assembled_id(self, row: dict, source: SourceFile) -> str:
         return f"{source.name}/{row['id']}"
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def prepare(self, rows: list[dict], side_inputs: dict[str, list[dict]]) -> None:
         self.check = ContaminationCheck(self.recipe, side_inputs)
         self.plan: list[RowPlan] = []
         first_with: dict[str, str] = {}  # content key -> assembled id of its first occurrence

@@ -444,7 +444,7 @@ class DecontamStage(DataStage):
         super().__init__(recipe)
         self.inputs = {"train": "any", **{name: "any" for name in recipe.inputs if name != "train"}}
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def prepare(self, rows: list[dict], side_inputs: dict[str, list[dict]]) -> None:
         self.check = ContaminationCheck(self.recipe, side_inputs)
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:

@@ -247,20 +247,20 @@ class ExecutionStage(GeneratingStage):
     inputs = {"tasks": "prompt"}
     outputs = ("demonstrations", "preferences", "scores", "suspect_tests")
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def setup(self) -> None:
         if (problem := check_sandbox(self.recipe.sandbox)) is not None:  # refused before the model loads
             raise StageError(f"execution: the code sandbox cannot run here: {problem}")
-        self.executions, self.sandbox_wall_s = 0, 0.0
-        super().setup(side_inputs)
+        super().setup()
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         if self.recipe.kind == "instruction_following":
             return self._process_instructions(rows, ctx)
         return self._process_code(rows, ctx)
 
-    def _counted(self, jobs: int, started: float) -> None:
-        self.executions += jobs
-        self.sandbox_wall_s += time.monotonic() - started
+    @staticmethod
+    def _counted(ctx: ShardContext, jobs: int, started: float) -> None:
+        ctx.count("sandbox_executions", jobs)
+        ctx.count("sandbox_wall_s", time.monotonic() - started)
 
     def _process_code(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         recipe = self.recipe
@@ -278,7 +278,7 @@ class ExecutionStage(GeneratingStage):
         jobs = [(i, reply) for i in runnable for reply in replies[i]]
         start = time.monotonic()
         verdicts, batch = run_solutions([(reply, tests[i]) for i, reply in jobs], recipe.sandbox)
-        self._counted(len(jobs), start)
+        self._counted(ctx, len(jobs), start)
         results = iter(zip(verdicts, batch.results))
         outcomes: list[Outcome] = []
         for i, row in enumerate(rows):
@@ -317,7 +317,7 @@ class ExecutionStage(GeneratingStage):
                  replies[i] + [text for check in checks[i] for text, _ in check.cases]) for i in constraints]
         start = time.monotonic()
         verdicts, _ = run_checkers(jobs, recipe.sandbox)
-        self._counted(len(jobs), start)
+        self._counted(ctx, len(jobs), start)
         for i, judged in zip(constraints, verdicts):
             outcomes[i] = self._instruction_rows(rows[i], prompts[i], checks[i], replies[i], judged, ctx.seed)
         return outcomes
@@ -367,8 +367,8 @@ class ExecutionStage(GeneratingStage):
     def finish(self, outputs: dict[str, list[dict]], side_inputs: dict[str, list[dict]]) -> dict[str, Any]:
         scores = outputs["scores"]
         samples = sum(s["samples"] for s in scores)
-        executions, wall = getattr(self, "executions", 0), getattr(self, "sandbox_wall_s", 0.0)
-        # this invocation only (a resumed run counts the shards it ran)
+        # this invocation only (a resumed run counts the shards it ran), summed over the workers
+        executions, wall = self.counts["sandbox_executions"], self.counts["sandbox_wall_s"]
         sandbox = {"sandbox_executions": executions, "sandbox_executions_per_s": executions / wall if wall > 0 else 0.0}
         if self.recipe.kind == "instruction_following":
             return {"execution": self._instruction_summary(scores, samples) | sandbox}

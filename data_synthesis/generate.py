@@ -23,7 +23,7 @@ class GeneratingStage(DataStage):
     """A stage that samples from `recipe.generation`: the generator is loaded once, only when some
     shard still has work, and closed at the end; `sample` counts the tokens for the progress bar."""
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def setup(self) -> None:
         self.generator = make_generator(self.recipe.generation)
 
     def sample(self, rows: list[dict], ctx: ShardContext) -> list[list[Completion]]:
@@ -34,7 +34,7 @@ class GeneratingStage(DataStage):
         """Completions for prompts the stage built, seeded by the shard; `overrides` change the sampling (n=1)."""
         sampling = self.recipe.generation.sampling(seed=ctx.seed, **overrides)
         results = self.generator.generate(prompts, sampling)
-        ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
+        ctx.add_tokens(sum(c.num_tokens for cs in results for c in cs))
         return results
 
     def teardown(self) -> None:

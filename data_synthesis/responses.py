@@ -2,11 +2,11 @@
 
 Each entry of `generators:` is a generation section with a `strategy` name (`greedy`, `sampled`, ...); every
 response keeps the model and strategy that wrote it, so `annotate` can rank them and compare models. Only one
-generator is in memory at a time: for each shard the generators run one after another, each over the whole
-shard, and the one loaded last stays loaded for the next shard, which runs them in the reverse order. A run
-of S shards and G generators loads models S x (G - 1) + 1 times (the runtime hands the stage one shard at a
-time, so once per run is not possible); with big models, use big shards. Every generator samples with the
-shard's seed, so a resumed run writes the same bytes. Empty responses are dropped; an instruction left with
+generator is in memory at a time (per worker, on Ray): for each shard the generators run one after another,
+each over the whole shard, the one still loaded from the last shard first. A worker that runs S shards with G
+generators loads models S x (G - 1) + 1 times (the runtime hands a worker one shard at a time, so once per run
+is not possible); with big models, use big shards. Every generator samples with the shard's seed whatever the
+order, so a resumed run, or one on other workers, writes the same bytes. Empty responses are dropped; an instruction left with
 none is quarantined.
 """
 
@@ -77,12 +77,12 @@ class ResponsesStage(DataStage):
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         generators = self.recipe.generators
-        order = range(len(generators)) if ctx.index % 2 == 0 else reversed(range(len(generators)))
+        loaded_first = sorted(range(len(generators)), key=lambda j: not (self.loaded and self.loaded[0] == j))
         prompts = [row["messages"] for row in rows]
         by_generator: dict[int, list[list[str]]] = {}
-        for j in order:
+        for j in loaded_first:
             results = self.generator(j).generate(prompts, generators[j].sampling(seed=ctx.seed))
-            ctx.progress.add_tokens(sum(c.num_tokens for cs in results for c in cs))
+            ctx.add_tokens(sum(c.num_tokens for cs in results for c in cs))
             by_generator[j] = [[c.text for c in cs] for cs in results]
         models = ", ".join(dict.fromkeys(g.model for g in generators))
         strategies = [g.strategy for g in generators]

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alignment.data import Quarantined, read_rows
+from alignment.data import Quarantined
 from alignment.stages import DataStage, Outcome, ShardContext, StageError, StageRecipe
 
 from .generate import lineage
@@ -172,9 +172,8 @@ class SelectStage(DataStage):
     inputs = {PRIMARY: "prompt"}
     outputs = ("selected", "unselected")
 
-    def setup(self, side_inputs: dict[str, list[dict]]) -> None:
+    def prepare(self, rows: list[dict], side_inputs: dict[str, list[dict]]) -> None:
         recipe = self.recipe
-        rows = read_rows(recipe.inputs[PRIMARY], "prompt").rows  # the rows the runtime shards, in its order
         found = [row_tags(row) for row in rows]
         eligible = [i for i, tags in enumerate(found) if isinstance(tags, list) and len(tags) >= recipe.min_tags]
         picks = complexity_first_diverse([found[i] for i in eligible], recipe.num_instructions)

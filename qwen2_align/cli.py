@@ -280,12 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # What the imports built is never garbage: frozen, it is not rescanned by every collection the trainers ask for
     # (accelerate collects before training; ~0.3 s each with torch, transformers and TRL loaded). Unfrozen at the
-    # end, so that the interpreter's last collection frees it (nanobind extensions report leaks otherwise).
-    gc.freeze()
+    # end, so that the interpreter's last collection frees it (nanobind extensions report leaks otherwise); a
+    # caller that froze its heap already (the tests) keeps it frozen.
+    freezing = gc.get_freeze_count() == 0
+    if freezing:
+        gc.freeze()
     try:
         return _run_command(argv)
     finally:
-        gc.unfreeze()
+        if freezing:
+            gc.unfreeze()
 
 
 def _run_command(argv: list[str] | None) -> int:

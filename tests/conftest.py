@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -13,3 +14,13 @@ def tokenizer():
     from alignment.tokenizer import qwen2_tokenizer
 
     return qwen2_tokenizer()
+
+
+def pytest_collection_finish(session):
+    """What collection imported (torch, transformers, TRL) is never garbage: keep the collector off it, as the CLI
+    does, so the full collections while trainers are built in this process do not rescan it."""
+    gc.freeze()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    gc.unfreeze()  # the interpreter's last collection frees them (nanobind reports leaks otherwise)

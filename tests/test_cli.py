@@ -1,7 +1,7 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers.cli import run_cli
 
 from qwen2_align.cli import COMMANDS, main
 from qwen2_align.stage_table import STAGES
@@ -9,12 +9,8 @@ from qwen2_align.stage_table import STAGES
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2_align.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_help_lists_every_stage_and_command():
-    out = _cli("--help")
+    out = run_cli("--help")
     assert out.returncode == 0
     for name in [*STAGES, *COMMANDS]:
         assert name in out.stdout
@@ -37,20 +33,20 @@ def test_a_stage_validates_its_recipe_before_it_runs(capsys, tmp_path):
 
 
 def test_init_writes_a_loadable_checkpoint_and_chat_runs(tmp_path):
-    out = _cli("init", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--seed", "1")
+    out = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--seed", "1")
     assert out.returncode == 0, out.stderr
     files = {p.name for p in (tmp_path / "ck").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"} <= files
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["vocab_size"] == 151936 and config["hidden_size"] == 128
-    chat = _cli("chat", "--model", str(tmp_path / "ck"), "--prompt", "Hi", "--max-new-tokens", "4")
+    chat = run_cli("chat", "--model", str(tmp_path / "ck"), "--prompt", "Hi", "--max-new-tokens", "4")
     assert chat.returncode == 0, chat.stderr
     assert "user: Hi" in chat.stdout and "assistant:" in chat.stdout
 
 
 def test_unknown_preset_is_a_clear_error():
-    out = _cli("init", "--preset", "huge", "--out", "x")
+    out = run_cli("init", "--preset", "huge", "--out", "x")
     assert out.returncode == 2 and "invalid choice: 'huge'" in out.stderr
 
 

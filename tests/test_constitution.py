@@ -108,11 +108,6 @@ def test_picks_are_deterministic_distinct_and_seeded():
     assert len({p.id for pick in picks for p in pick}) == len(principles)  # every principle gets drawn
 
 
-class _Progress:
-    def add_tokens(self, n):
-        pass
-
-
 class _Echo:
     """A backend that answers with the system prompt it was given, so the rows show which reply is which."""
 
@@ -130,7 +125,7 @@ def test_follower_is_chosen_and_in_d_violator_is_rejected(tmp_path):
     stage = ConstitutionStage(recipe)
     stage.generator = _Echo()
     rows = [dict(r, source="t", meta={"keep": 1}) for r in PROMPTS[1:3]]
-    outcomes = stage.process(rows, ShardContext(0, 7, _Progress()))
+    outcomes = stage.process(rows, ShardContext(0, 7))
     assert len(stage.generator.prompts) == 2 * 2 * 2  # rows x principles x (follower, violator)
     for row, out in zip(rows, outcomes):
         drawn = pick_principles(recipe.chosen, 2, 3, row["id"])

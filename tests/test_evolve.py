@@ -90,11 +90,6 @@ def test_recipe_checks(tmp_path):
         _recipe(tmp_path, generation={"backend": "transformers", "model": "m", "n": 2})
 
 
-class _Progress:
-    def add_tokens(self, n):
-        pass
-
-
 class _Scripted:
     """Rewrites by what the instruction says (leaky: leaks; stuck: no change in round 2; else one clause more)
     and answers with an apology when the instruction asks for one."""
@@ -132,7 +127,7 @@ def test_rounds_lineage_and_eliminations_with_a_scripted_teacher(tmp_path):
     recipe = _recipe(tmp_path, rounds=2)
     stage = EvolveStage(recipe)
     stage.generator = _Scripted()
-    r0, r1, r2, r3, r4 = stage.process(_rows(), ShardContext(1, 6, _Progress()))
+    r0, r1, r2, r3, r4 = stage.process(_rows(), ShardContext(1, 6))
     assert len(stage.generator.rewrites) == 4 + 2  # round 1: all with words; round 2: r0 and r3 survived
     ops = {(root, rnd): pick_operation(recipe, root, rnd) for root in ("r0", "r3") for rnd in (1, 2)}
     assert [row["id"] for row in r0["evolved"]] == ["r0-r1", "r0-r2"] and not r0["eliminated"]

@@ -188,11 +188,6 @@ def test_bad_code_recipes_are_refused(tmp_path):
         assert "\n" not in str(e.value)
 
 
-class _Progress:
-    def add_tokens(self, n):
-        pass
-
-
 class _Scripted:
     """A backend with scripted replies: tests when asked for tests, else the solutions listed per task."""
 
@@ -224,14 +219,14 @@ def test_process_asks_for_tests_only_where_a_task_has_none(tmp_path):
     path = tmp_path / "execution.yaml"
     path.write_text(yaml.safe_dump(_recipe(tmp_path, tmp_path / "init", 3)))
     stage = ExecutionStage(load_recipe(path))
-    stage.executions, stage.sandbox_wall_s = 0, 0.0  # what setup sets, without loading a model
     brings = dict(TASK, id="brings")
     asks = {"id": "asks", "messages": [{"role": "user", "content": "Write `add(a, b)` please."}], "source": "t",
             "meta": {}}
     stage.generator = _Scripted("Tests:\n```python\nassert add(1, 1) == 3\n```",  # wrong tests: nothing passes
                                 {brings["messages"][-1]["content"]: [RIGHT, WRONG, LOOP],
                                  asks["messages"][-1]["content"]: [RIGHT, WRONG, RIGHT_TOO]})
-    out = stage.process([brings, asks], ShardContext(0, 7, _Progress()))
+    ctx = ShardContext(0, 7)
+    out = stage.process([brings, asks], ctx)
     assert len([p for p in stage.generator.prompts if "Write tests" in p[-1]["content"]]) == 1
     assert out[0]["scores"][0] | {"statuses": None} == {"id": "brings", "tests": "task", "samples": 3, "passed": 1,
                                                          "pass@1": 1 / 3, "pass@k": 1.0, "statuses": None,
@@ -239,7 +234,7 @@ def test_process_asks_for_tests_only_where_a_task_has_none(tmp_path):
     assert out[0]["scores"][0]["statuses"]["timeout"] == 1
     assert [p["rejected"][0]["content"] for p in out[0]["preferences"]] == [WRONG]
     assert out[1]["suspect_tests"][0]["tests"] == "assert add(1, 1) == 3" and not out[1]["preferences"]
-    assert stage.executions == 6
+    assert ctx.counts["sandbox_executions"] == 6
 
 
 def test_the_stage_runs_on_the_tiny_model(tmp_path):

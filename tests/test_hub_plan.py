@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from helpers.cli import run_cli
+
 from alignment.checkpoint import init_checkpoint, load_causal_lm, reward_model_class
 from alignment.model.loss import CHUNK_ROWS
 from alignment.recipe_loader import RecipeError
@@ -42,8 +44,10 @@ def _cli(*args, env=None):
                           timeout=300, env={**os.environ, "HF_TOKEN": SECRET, **(env or {})})
 
 
-def test_dry_run_writes_a_folder_stock_transformers_loads(run_dir, tmp_path):
-    out = _cli("push", "--run", str(run_dir), "--repo", "me/tiny-aligned", "--dry-run", "--out", str(tmp_path / "up"))
+def test_dry_run_writes_a_folder_stock_transformers_loads(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    out = run_cli("push", "--run", str(run_dir), "--repo", "me/tiny-aligned", "--dry-run",
+                  "--out", str(tmp_path / "up"))
     assert out.returncode == 0, out.stderr
     folder = tmp_path / "up"
     names = {p.name for p in folder.iterdir()}
@@ -122,7 +126,7 @@ def test_parameter_counts_match_the_models():
 def test_plan_of_a_dpo_run_is_the_hand_calculation_for_the_base_model_it_traces_to(tmp_path):
     # runs/plan/sft does not exist: the plan follows sft.yaml's run_dir to Qwen/Qwen2-7B.
     _recipe(tmp_path, "sft", "Qwen/Qwen2-7B", 32768)
-    out = _cli("plan", "--recipe", str(_recipe(tmp_path, "dpo", "runs/plan/sft", 8192)), "--gpus", "8")
+    out = run_cli("plan", "--recipe", str(_recipe(tmp_path, "dpo", "runs/plan/sft", 8192)), "--gpus", "8")
     assert out.returncode == 0, out.stderr
     assert f"{P_7B / 1e9:.3f} B parameters" in out.stdout
     tokens = 2 * 8192  # one pair (chosen + rejected) of max_length 8192
@@ -153,12 +157,12 @@ def test_plan_says_whether_it_fits_and_how_many_gpus_would(tmp_path):
     needed = next(n for n in (2**i for i in range(11)) if sharded / n + fixed <= 80 * GIB)
     assert needed == 16
     recipe = str(_recipe(tmp_path, "sft", "Qwen/Qwen2-57B-A14B", tokens))
-    moe = _cli("plan", "--recipe", recipe, "--gpus", "8")
+    moe = run_cli("plan", "--recipe", recipe, "--gpus", "8")
     assert moe.returncode == 0, moe.stderr
     assert f"{P_57B / 1e9:.3f} B parameters ({ACTIVE_57B / 1e9:.3f} B active per token)" in moe.stdout
     assert _plan_lines(moe.stdout)["total per GPU"] == pytest.approx((sharded / 8 + fixed) / GIB, abs=0.006)
     assert f"does not fit in 80 GiB per GPU: needs at least {needed} GPUs" in moe.stdout
-    at_16 = _cli("plan", "--recipe", recipe, "--gpus", str(needed))
+    at_16 = run_cli("plan", "--recipe", recipe, "--gpus", str(needed))
     spare = 80 - (sharded / needed + fixed) / GIB
     assert f"fits in 80 GiB per GPU ({spare:.1f} GiB to spare)" in at_16.stdout
 
@@ -176,7 +180,7 @@ def test_plan_of_online_dpo_adds_the_reward_model_and_the_engine_to_each_phase(t
                         "dtype: bfloat16\ninputs: {prompts: prompts.jsonl}\nmerging: {method: none}\n"
                         f"generation: {{{generation}}}\n"
                         "training: {max_length: 8192, per_device_train_batch_size: 1, gradient_checkpointing: true}\n")
-        out = _cli("plan", "--recipe", str(path), "--gpus", "8")
+        out = run_cli("plan", "--recipe", str(path), "--gpus", "8")
         assert out.returncode == 0, out.stderr
         return out.stdout, _plan_lines(out.stdout)
 

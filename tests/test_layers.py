@@ -1,6 +1,7 @@
 """The floor plan as tests: imports point down only (import-linter's contracts in pyproject.toml), and the
 Makefile's stage targets and the demo's steps are the stage table's."""
 
+import ast
 import re
 import shutil
 import subprocess
@@ -63,3 +64,16 @@ def test_the_gpu_check_imports_without_trl_or_datasets():
     out = subprocess.run([sys.executable, "-c", blocked + imports], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_ray_is_imported_only_by_the_ray_executor():
+    """Ray is optional: nothing imports it at module level, so a stage that does not ask for it runs without it."""
+    importers = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.parse(path.read_text()).body:  # module level only
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(name == "ray" or name.startswith("ray.") for name in names):
+                    importers.append(str(path.relative_to(ROOT)))
+    assert importers == []

@@ -72,11 +72,6 @@ def test_clean_instruction_drops_degenerate_ones():
         assert clean_instruction(bad, text) == "", bad
 
 
-class _Progress:
-    def add_tokens(self, n):
-        pass
-
-
 class _Scripted:
     """A backend whose reply to each prompt comes from `answer(messages)`."""
 
@@ -103,7 +98,7 @@ def test_literature_rows_keep_the_text_and_drop_bad_instructions(tmp_path):
         return f"Instruction: write the {level} piece."
 
     stage.generator = _Scripted(answer)
-    outcomes = stage.process(rows, ShardContext(0, 9, _Progress()))
+    outcomes = stage.process(rows, ShardContext(0, 9))
     assert len(stage.generator.prompts) == 3 * 3  # texts x levels
     assert [len(o["demonstrations"]) for o in (outcomes[0], outcomes[2])] == [3, 2]
     assert "no level gave a usable instruction" in outcomes[1].reason and outcomes[1].row == rows[1]
@@ -131,7 +126,7 @@ def test_roleplay_rows_have_the_profile_as_system_prompt(tmp_path):
         return "" if "nobody" in messages[-1]["content"] else "Message: Good evening, who are you?"
 
     stage.generator = _Scripted(answer)
-    outcomes = stage.process(rows, ShardContext(0, 4, _Progress()))
+    outcomes = stage.process(rows, ShardContext(0, 4))
     assert len(stage.generator.prompts) == 3 + 2  # openings for all, replies for the two with an opening
     assert "opening message was empty" in outcomes[2].reason
     for row, out in zip(rows, outcomes[:2]):

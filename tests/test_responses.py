@@ -152,8 +152,7 @@ def test_empty_responses_are_dropped_and_an_instruction_left_with_none_is_quaran
     backends = [_Fixed({"What is 2 + 2?": ["4"], "Name a colour.": [" "]}),
                 _Fixed({"What is 2 + 2?": ["", "four"], "Name a colour.": ["", "\n"]})]
     stage.generator = backends.__getitem__
-    progress = type("P", (), {"add_tokens": lambda self, n: None})()
-    done, dropped = stage.process(PROMPTS[:2], ShardContext(0, 5, progress))
+    done, dropped = stage.process(PROMPTS[:2], ShardContext(0, 5))
     assert [(r["content"], r["strategy"]) for r in done["responses"][0]["responses"]] == [("4", "greedy"),
                                                                                           ("four", "sampled")]
     assert dropped.reason == "every response is empty (greedy, sampled)"

@@ -1,14 +1,14 @@
 """Upcycling a dense checkpoint into an MoE: the report's four steps, determinism, loading, training."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
+
+from helpers.cli import run_cli
 
 from alignment.checkpoint import init_checkpoint, load_causal_lm
 from alignment.model import Qwen2MoeForCausalLM
@@ -153,12 +153,8 @@ def test_load_balancing_loss_at_uniform_routing_is_top_k(ckpts):
     assert out.aux_loss.item() == pytest.approx(SHAPE["top_k"], abs=1e-6)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2_align.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_cli_upcycle_with_preset_and_clear_errors(ckpts, tmp_path, capsys):
-    out = _cli("upcycle", "--dense", str(ckpts["dense"]), "--preset", "tiny-moe", "--top-k", "4", "--seed", "1",
+    out = run_cli("upcycle", "--dense", str(ckpts["dense"]), "--preset", "tiny-moe", "--top-k", "4", "--seed", "1",
                "--out", str(tmp_path / "moe"))
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "moe" / "config.json").read_text())

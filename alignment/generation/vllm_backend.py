@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,11 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _in_ray_worker() -> bool:
+    """Inside a Ray process (a data stage's worker, alignment.executors); Ray is only imported if the stage is."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 class VLLMGenerator(Generator):
@@ -50,6 +56,10 @@ class VLLMGenerator(Generator):
         kwargs["worker_extension_cls"] = "alignment.generation.weight_sync.WeightReceiver"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per launched process, on its own device
             kwargs["distributed_executor_backend"] = "external_launcher"
+        elif spec.tensor_parallel_size > 1 and _in_ray_worker():
+            # a data stage's Ray worker holds its GPUs already: the engine's processes run beside it, on them,
+            # instead of vLLM asking the cluster for more
+            kwargs["distributed_executor_backend"] = "mp"
         if not _on_cpu():
             kwargs["enable_sleep_mode"] = True
         if spec.long_context():  # the same config fields our loader sets, handed to vLLM as overrides
