@@ -72,6 +72,7 @@ class ShardDone:
     node: str
     pid: int
     seconds: float
+    setup_s: float = 0.0  # the worker's setup (loading its engine), on its first shard
 
 
 class ShardStage(Protocol):
@@ -80,16 +81,24 @@ class ShardStage(Protocol):
     def setup(self) -> None: ...
     def process(self, rows: list[dict], ctx: ShardContext) -> list: ...
     def teardown(self) -> None: ...
+    def engines(self) -> int: ...
+    def process_part(self, engine: int, rows: list[dict], ctx: ShardContext) -> Any: ...
+    def combine(self, rows: list[dict], parts: list[Any], ctx: ShardContext) -> list: ...
+
+
+QUEUED_PER_WORKER = 2
 
 
 class ExecutorError(RuntimeError):
     """A shard could not be run; the message is one line."""
 
 
-def run_one_shard(stage: ShardStage, index: int, seed: int, rows: list[dict], worker: str) -> ShardDone:
+def run_one_shard(stage: ShardStage, index: int, seed: int, rows: list[dict], worker: str,
+                  engine: int | None = None) -> ShardDone:
+    """The shard's outcomes; with `engine`, only that engine's part of them (`stage.process_part`)."""
     ctx = ShardContext(index, seed)
     started = time.perf_counter()
-    outcomes = stage.process(rows, ctx)
+    outcomes = stage.process(rows, ctx) if engine is None else stage.process_part(engine, rows, ctx)
     return ShardDone(index, outcomes, ctx.tokens, ctx.counts, worker, socket.gethostname(), os.getpid(),
                      time.perf_counter() - started)
 
@@ -104,9 +113,11 @@ class WorkerTally:
     rows: int = 0
     tokens: int = 0
     busy_s: float = 0.0
+    setup_s: float = 0.0
 
     def add(self, done: ShardDone, rows: int) -> None:
         self.node, self.pid = done.node, done.pid
+        self.setup_s += done.setup_s
         self.shards += 1
         self.rows += rows
         self.tokens += done.tokens
@@ -115,7 +126,7 @@ class WorkerTally:
     def report(self) -> dict[str, Any]:
         busy = max(self.busy_s, 1e-9)
         return {"node": self.node, "pid": self.pid, "shards": self.shards, "rows": self.rows, "tokens": self.tokens,
-                "busy_s": round(self.busy_s, 3), "rows_per_s": round(self.rows / busy, 3),
+                "setup_s": round(self.setup_s, 3), "busy_s": round(self.busy_s, 3), "rows_per_s": round(self.rows / busy, 3),
                 "tokens_per_s": round(self.tokens / busy, 1)}
 
 
@@ -131,7 +142,9 @@ def run_shards(stage: ShardStage, shards: dict[int, list[dict]], seed: int, spec
 def run_local(stage: ShardStage, shards: dict[int, list[dict]], seed: int,
               on_done: Callable[[ShardDone], None]) -> dict[str, Any]:
     tally = WorkerTally()
+    started = time.perf_counter()
     stage.setup()
+    tally.setup_s = time.perf_counter() - started
     try:
         for index, rows in shards.items():
             done = run_one_shard(stage, index, seed + index, rows, "local")
@@ -143,7 +156,9 @@ def run_local(stage: ShardStage, shards: dict[int, list[dict]], seed: int,
 
 
 class ShardWorker:
-    """A Ray actor: one copy of the stage and its engine, set up at the first shard, kept to the end.
+    """A Ray actor: one copy of the stage and its engine, set up at the first shard, kept to the end. A stage
+    with several engines (`responses`' models) gives each worker one of them: it runs only that engine's part
+    of each shard, so the model it loaded stays loaded.
 
     It computes with the driver's number of torch threads: a CPU matmul's rounding depends on how many threads
     split it (a decoding step's logits differ by ~1e-5 between 1 and 2 threads, enough to change a sampled
@@ -153,15 +168,44 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.stage, self.name, self.ready = stage, name, False
 
-    def process(self, index: int, seed: int, rows: list[dict]) -> ShardDone:
+    def process(self, index: int, seed: int, rows: list[dict], engine: int | None) -> ShardDone:
+        setup_s = 0.0
         if not self.ready:
+            started = time.perf_counter()
             self.stage.setup()
             self.ready = True
-        return run_one_shard(self.stage, index, seed, rows, self.name)
+            setup_s = time.perf_counter() - started
+        done = run_one_shard(self.stage, index, seed, rows, self.name, engine)
+        done.setup_s = setup_s
+        return done
 
     def close(self) -> None:
         if self.ready:
             self.stage.teardown()
+
+
+@dataclass
+class Worker:
+    """A Ray actor as the driver sees it; `engine` is the stage's engine it holds (None: the only one)."""
+
+    name: str
+    actor: Any
+    engine: int | None
+
+
+def combined(stage: ShardStage, rows: list[dict], seed: int, parts: dict[int | None, ShardDone],
+             parts_of: list[int | None]) -> ShardDone:
+    """A shard's outcomes from its engines' parts (`stage.combine`, on the driver); one part is the outcomes."""
+    if parts_of == [None]:
+        return parts[None]
+    first = parts[parts_of[0]]
+    ctx = ShardContext(first.index, seed)
+    outcomes = stage.combine(rows, [parts[engine].outcomes for engine in parts_of], ctx)
+    counts: Counter = Counter()
+    for part in parts.values():
+        counts.update(part.counts)
+    return ShardDone(first.index, outcomes, sum(p.tokens for p in parts.values()), counts, first.worker,
+                     first.node, first.pid, sum(p.seconds for p in parts.values()))
 
 
 class RayExecutor:
@@ -185,61 +229,74 @@ class RayExecutor:
             self.ray.init(address=self.spec.address, include_dashboard=False, logging_level="WARNING")
             self.started_ray = True
 
-    def start_worker(self, stage_ref: Any, number: int) -> tuple[str, Any]:
-        name = f"worker-{number}"
+    def start_worker(self, stage_ref: Any, number: int, engine: int | None) -> Worker:
+        name = f"worker-{number}" if engine is None else f"worker-{number}-engine-{engine}"
         actor = self.actor_class.options(num_cpus=self.spec.cpus_per_worker,
                                          num_gpus=self.spec.gpus_per_worker).remote(stage_ref, name,
                                                                                     torch.get_num_threads())
-        return name, actor
+        return Worker(name, actor, engine)
 
     def run(self, stage: ShardStage, shards: dict[int, list[dict]], seed: int,
             on_done: Callable[[ShardDone], None]) -> dict[str, Any]:
         ray = self.ray
+        engines = stage.engines()
+        if engines > 1 and self.spec.workers < engines:
+            raise ExecutorError(f"executor.workers: {stage.name} samples from {engines} models, one per worker: "
+                                f"give at least {engines} workers, got {self.spec.workers}")
+        parts_of = [None] if engines == 1 else list(range(engines))  # engine None: the whole shard at once
         self.connect()
         stage_ref = ray.put(stage)  # once: every worker reads the same copy from the object store
         rows_ref = {index: ray.put(rows) for index, rows in shards.items()}
-        pending = deque(shards)
+        pending = {engine: deque(shards) for engine in parts_of}
+        parts: dict[int, dict[int | None, ShardDone]] = {index: {} for index in shards}
         attempts: Counter = Counter()
-        started = 0
-        idle: list[tuple[str, Any]] = []
-        for _ in range(min(self.spec.workers, len(shards))):
-            idle.append(self.start_worker(stage_ref, started))
-            started += 1
-        running: dict[Any, tuple[str, Any, int]] = {}
+        count = min(self.spec.workers, len(shards)) if engines == 1 else self.spec.workers
+        workers = [self.start_worker(stage_ref, number, parts_of[number % len(parts_of)]) for number in range(count)]
+        started = len(workers)
+        running: dict[Any, tuple[Worker, int]] = {}
         try:
-            while pending or running:
-                while idle and pending:
-                    name, actor = idle.pop()
-                    index = pending.popleft()
-                    running[actor.process.remote(index, seed + index, rows_ref[index])] = (name, actor, index)
+            while running or any(pending.values()):
+                # two shards queued per worker: the next one is there when a shard ends, no round trip between
+                busy = Counter(w.name for w, _ in running.values())
+                for worker in workers:
+                    while busy[worker.name] < QUEUED_PER_WORKER and pending[worker.engine]:
+                        index = pending[worker.engine].popleft()
+                        ref = worker.actor.process.remote(index, seed + index, rows_ref[index], worker.engine)
+                        running[ref] = (worker, index)
+                        busy[worker.name] += 1
                 (ref,), _ = ray.wait(list(running), num_returns=1)
-                name, actor, index = running.pop(ref)
+                worker, index = running.pop(ref)
                 try:
                     done = ray.get(ref)
                 except self.lost as e:
-                    attempts[index] += 1
+                    task = (index, worker.engine)
+                    attempts[task] += 1
                     reason = str(e).strip().splitlines()[0][:300]
-                    self.retries.append({"shard": index, "worker": name, "attempt": attempts[index], "reason": reason})
-                    print(f"{stage.name}: {name} died on shard {index} ({reason}); running it again")
-                    if attempts[index] > self.spec.max_retries:
-                        raise ExecutorError(f"{stage.name}: shard {index}: its worker died {attempts[index]} times; "
+                    self.retries.append({"shard": index, "engine": worker.engine, "worker": worker.name,
+                                         "attempt": attempts[task], "reason": reason})
+                    print(f"{stage.name}: {worker.name} died on shard {index} ({reason}); running it again")
+                    if attempts[task] > self.spec.max_retries:
+                        raise ExecutorError(f"{stage.name}: shard {index}: its worker died {attempts[task]} times; "
                                             f"last: {reason}") from None
-                    pending.appendleft(index)
-                    idle.append(self.start_worker(stage_ref, started))
-                    started += 1
+                    pending[worker.engine].appendleft(index)
+                    if worker in workers:  # its first lost shard: replace it (the others come back lost too)
+                        workers.remove(worker)
+                        workers.append(self.start_worker(stage_ref, started, worker.engine))
+                        started += 1
                     continue
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, Exception):
                         raise e.cause from None  # the stage's own error, as in-process
-                    raise ExecutorError(f"{stage.name}: shard {index} on {name}: {e}") from None
-                self.tallies.setdefault(name, WorkerTally()).add(done, len(shards[index]))
-                on_done(done)
-                idle.append((name, actor))
+                    raise ExecutorError(f"{stage.name}: shard {index} on {worker.name}: {e}") from None
+                self.tallies.setdefault(worker.name, WorkerTally()).add(done, len(shards[index]))
+                parts[index][worker.engine] = done
+                if len(parts[index]) == len(parts_of):
+                    on_done(combined(stage, shards[index], seed + index, parts.pop(index), parts_of))
         finally:
-            self.stop([actor for _, actor in idle] + [actor for _, actor, _ in running.values()])
+            self.stop([w.actor for w in workers])
         return {"kind": "ray", "address": self.spec.address, "workers_asked": self.spec.workers,
                 "workers_started": started, "cpus_per_worker": self.spec.cpus_per_worker,
-                "gpus_per_worker": self.spec.gpus_per_worker,
+                "gpus_per_worker": self.spec.gpus_per_worker, "engines": engines,
                 "workers": {name: tally.report() for name, tally in sorted(self.tallies.items())},
                 "retries": self.retries}
 

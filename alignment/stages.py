@@ -122,6 +122,18 @@ class DataStage(Stage):
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         """One outcome per input row, in order."""
 
+    def engines(self) -> int:
+        """Models the stage samples from in turn, more than one process can hold at once (`responses`): on Ray
+        each worker holds one of them and runs its part of every shard (`process_part`), and the driver puts the
+        parts together (`combine`); in-process, `process` runs them one after another."""
+        return 1
+
+    def process_part(self, engine: int, rows: list[dict], ctx: ShardContext) -> Any:
+        raise NotImplementedError(f"{self.name}: one engine, no parts")
+
+    def combine(self, rows: list[dict], parts: list[Any], ctx: ShardContext) -> list[Outcome]:
+        raise NotImplementedError(f"{self.name}: one engine, no parts")
+
     def teardown(self) -> None:
         """Release what `setup` acquired (on each worker)."""
 

@@ -2,11 +2,12 @@
 
 Each entry of `generators:` is a generation section with a `strategy` name (`greedy`, `sampled`, ...); every
 response keeps the model and strategy that wrote it, so `annotate` can rank them and compare models. Only one
-generator is in memory at a time (per worker, on Ray): for each shard the generators run one after another,
-each over the whole shard, the one still loaded from the last shard first. A worker that runs S shards with G
-generators loads models S x (G - 1) + 1 times (the runtime hands a worker one shard at a time, so once per run
-is not possible); with big models, use big shards. Every generator samples with the shard's seed whatever the
-order, so a resumed run, or one on other workers, writes the same bytes. Empty responses are dropped; an instruction left with
+generator is in memory at a time: in-process, for each shard the generators run one after another, each over
+the whole shard, the one still loaded from the last shard first, so S shards and G generators load models
+S x (G - 1) + 1 times (with big models, use big shards). On Ray each generator is an engine of its own: every
+worker holds one generator for the whole run and samples its part of each shard, and the driver puts the parts
+together, so each model loads once per worker. Every generator samples with the shard's seed whatever the order
+or the process, so a resumed run, or one on Ray, writes the same bytes. Empty responses are dropped; an instruction left with
 none is quarantined.
 """
 
@@ -75,21 +76,29 @@ class ResponsesStage(DataStage):
         self.loaded = (index, make_generator(self.recipe.generators[index]))
         return self.loaded[1]
 
+    def engines(self) -> int:
+        return len(self.recipe.generators)
+
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
+        loaded_first = sorted(range(self.engines()), key=lambda j: not (self.loaded and self.loaded[0] == j))
+        parts = {j: self.process_part(j, rows, ctx) for j in loaded_first}
+        return self.combine(rows, [parts[j] for j in range(self.engines())], ctx)
+
+    def process_part(self, engine: int, rows: list[dict], ctx: ShardContext) -> list[list[str]]:
+        """Generator `engine`'s responses to the shard's instructions, sampled with the shard's seed."""
+        spec = self.recipe.generators[engine]
+        results = self.generator(engine).generate([row["messages"] for row in rows], spec.sampling(seed=ctx.seed))
+        ctx.add_tokens(sum(c.num_tokens for cs in results for c in cs))
+        return [[c.text for c in cs] for cs in results]
+
+    def combine(self, rows: list[dict], parts: list[list[list[str]]], ctx: ShardContext) -> list[Outcome]:
         generators = self.recipe.generators
-        loaded_first = sorted(range(len(generators)), key=lambda j: not (self.loaded and self.loaded[0] == j))
-        prompts = [row["messages"] for row in rows]
-        by_generator: dict[int, list[list[str]]] = {}
-        for j in loaded_first:
-            results = self.generator(j).generate(prompts, generators[j].sampling(seed=ctx.seed))
-            ctx.add_tokens(sum(c.num_tokens for cs in results for c in cs))
-            by_generator[j] = [[c.text for c in cs] for cs in results]
         models = ", ".join(dict.fromkeys(g.model for g in generators))
         strategies = [g.strategy for g in generators]
         outcomes: list[Outcome] = []
         for i, row in enumerate(rows):
             responses = [{"content": text, "model": g.model, "strategy": g.strategy}
-                         for j, g in enumerate(generators) for text in by_generator[j][i] if text.strip()]
+                         for j, g in enumerate(generators) for text in parts[j][i] if text.strip()]
             if not responses:
                 outcomes.append(Quarantined(f"every response is empty ({', '.join(strategies)})", row))
                 continue

@@ -21,7 +21,7 @@ from reward import sandbox
 
 ray = pytest.importorskip("ray")
 
-STAGES = ("generate", "rejection", "execution", "decontam")
+STAGES = ("generate", "rejection", "execution", "decontam", "responses")
 SHARDS = 5  # of 2 rows each, for every stage
 LONG_TEST_ITEM = "the quick brown fox jumps over the lazy dog while seven silver swans swim slowly across the lake"
 
@@ -61,6 +61,9 @@ def _recipe(inputs: Path, stage: str, run_dir: Path, executor: dict) -> Path:
         "execution": {"inputs": {"tasks": str(inputs / "tasks.jsonl")}, "kind": "code", "generation": generation,
                       "sandbox": {"timeout_s": 2.0, "memory_mb": 256, "workers": 1}},
         "decontam": {"inputs": {"train": str(inputs / "prompts.jsonl"), "test": str(inputs / "test_set.jsonl")}},
+        "responses": {"inputs": {"instructions": str(inputs / "prompts.jsonl")},  # two engines: one per worker
+                      "generators": [generation | {"strategy": "greedy", "n": 1, "temperature": 0.0},
+                                     generation | {"strategy": "sampled", "n": 2}]},
     }[stage]
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -134,14 +137,17 @@ def test_two_ray_workers_write_the_bytes_of_the_in_process_run(stage, cluster, i
     executor = manifest["executor"]
     workers = executor["workers"]
     assert executor["kind"] == "ray" and len({w["pid"] for w in workers.values()} | {os.getpid()}) == len(workers) + 1
-    assert sum(w["shards"] for w in workers.values()) == SHARDS  # a lost shard is counted where it finished
-    if stage == "rejection":
-        assert len(executor["retries"]) == 1 and executor["workers_started"] == 3  # a replacement for the dead one
-        assert executor["retries"][0]["worker"] in ("worker-0", "worker-1")
+    # a lost shard is counted where it finished; responses' shards are in two parts, one per engine's worker
+    assert sum(w["shards"] for w in workers.values()) == SHARDS * executor["engines"]
+    if stage == "rejection":  # the dead worker's shard, and the one queued behind it, ran on a replacement
+        assert executor["workers_started"] == 3 and 1 <= len(executor["retries"]) <= 2
+        assert {r["worker"] for r in executor["retries"]} in ({"worker-0"}, {"worker-1"})
     else:
         assert executor["retries"] == [] and executor["workers_started"] == 2
     if stage == "execution":  # the sandbox ran on the workers, and their counts reached the manifest
         assert manifest["execution"]["sandbox_executions"] == reference["execution"]["sandbox_executions"] > 0
+    if stage == "responses":
+        assert sorted(workers) == ["worker-0-engine-0", "worker-1-engine-1"]
     if stage == "decontam":
         assert [json.loads(line)["id"] for line in (tmp_path / stage / "contaminated.jsonl").open()] == ["p3"]
 
