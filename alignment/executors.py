@@ -4,9 +4,10 @@ Both executors hand a shard's rows and seed to `stage.process` and give each fin
 runner (`on_done`), which writes it; the shard's output depends only on its rows, its seed and the stage,
 so every executor writes the same bytes. On Ray each worker is an actor that holds one copy of the stage
 (pickled once into the object store after the driver's `prepare`, so an index built there is shared) and
-its engine (`setup`, once per worker) for the whole run, and takes one shard at a time. A worker that dies
-loses only its shard: the driver starts a replacement and runs the shard again, up to `max_retries`
-times, and the manifest records each retry.
+its engine (`setup`, once per worker) for the whole run, and has two shards queued at a time. A worker that
+dies loses only its shards: the driver starts a replacement and runs them again, up to `max_retries` times
+each, and the manifest records each retry. A stage with several engines (`responses`' models) has each
+worker hold one of them and run its part of every shard; the driver combines the parts.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def combined(stage: ShardStage, rows: list[dict], seed: int, parts: dict[int | N
 
 
 class RayExecutor:
-    """The driver's side: start the workers, keep each busy with one shard, replace the ones that die."""
+    """The driver's side: start the workers, keep two shards queued on each, replace the ones that die."""
 
     def __init__(self, spec: ExecutorSpec):
         try:
