@@ -111,6 +111,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler
     strings)."""
     device = input_ids.device
     rows = input_ids.size(0) * samples
+    if max_new_tokens == 0:
+        return torch.full((rows, 0), pad_id, dtype=torch.long, device=device)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [b, n]
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
@@ -125,8 +127,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler
         seen = torch.zeros(rows, logits.size(-1), dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.repeat_interleave(samples, 0), attention_mask.bool().repeat_interleave(samples, 0))
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    if max_new_tokens == 0:
-        return out
     live = torch.arange(rows, device=device)  # the rows still in the batch, by their index in `out`
     eos = torch.tensor(eos_ids, device=device)
     for step in range(max_new_tokens):
