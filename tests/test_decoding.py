@@ -112,4 +112,4 @@ def test_samples_of_a_prompt_share_its_prefill(model_and_tokenizer):
     assert len({tuple(row.tolist()) for row in shared}) > 2
     nothing = decode(model, enc["input_ids"], enc["attention_mask"], sampler, 3, 0, [], tokenizer.pad_token_id,
                      torch.Generator().manual_seed(4))
-    assert nothing.shape == (6, 0)  # no new tokens asked: no row, and no prefill run for nothing
+    assert nothing.shape == (6, 0)  # no new tokens asked: an empty continuation per sample
