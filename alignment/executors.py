@@ -94,6 +94,13 @@ class ExecutorError(RuntimeError):
     """A shard could not be run; the message is one line."""
 
 
+def timed_setup(stage: ShardStage) -> float:
+    """`stage.setup()`, and the seconds it took (loading the engine), for the manifest."""
+    started = time.perf_counter()
+    stage.setup()
+    return time.perf_counter() - started
+
+
 def run_one_shard(stage: ShardStage, index: int, seed: int, rows: list[dict], worker: str,
                   engine: int | None = None) -> ShardDone:
     """The shard's outcomes; with `engine`, only that engine's part of them (`stage.process_part`)."""
@@ -127,8 +134,8 @@ class WorkerTally:
     def report(self) -> dict[str, Any]:
         busy = max(self.busy_s, 1e-9)
         return {"node": self.node, "pid": self.pid, "shards": self.shards, "rows": self.rows, "tokens": self.tokens,
-                "setup_s": round(self.setup_s, 3), "busy_s": round(self.busy_s, 3), "rows_per_s": round(self.rows / busy, 3),
-                "tokens_per_s": round(self.tokens / busy, 1)}
+                "setup_s": round(self.setup_s, 3), "busy_s": round(self.busy_s, 3),
+                "rows_per_s": round(self.rows / busy, 3), "tokens_per_s": round(self.tokens / busy, 1)}
 
 
 def run_shards(stage: ShardStage, shards: dict[int, list[dict]], seed: int, spec: ExecutorSpec,
@@ -142,10 +149,7 @@ def run_shards(stage: ShardStage, shards: dict[int, list[dict]], seed: int, spec
 
 def run_local(stage: ShardStage, shards: dict[int, list[dict]], seed: int,
               on_done: Callable[[ShardDone], None]) -> dict[str, Any]:
-    tally = WorkerTally()
-    started = time.perf_counter()
-    stage.setup()
-    tally.setup_s = time.perf_counter() - started
+    tally = WorkerTally(setup_s=timed_setup(stage))
     try:
         for index, rows in shards.items():
             done = run_one_shard(stage, index, seed + index, rows, "local")
@@ -170,12 +174,8 @@ class ShardWorker:
         self.stage, self.name, self.ready = stage, name, False
 
     def process(self, index: int, seed: int, rows: list[dict], engine: int | None) -> ShardDone:
-        setup_s = 0.0
-        if not self.ready:
-            started = time.perf_counter()
-            self.stage.setup()
-            self.ready = True
-            setup_s = time.perf_counter() - started
+        setup_s = 0.0 if self.ready else timed_setup(self.stage)
+        self.ready = True
         done = run_one_shard(self.stage, index, seed, rows, self.name, engine)
         done.setup_s = setup_s
         return done

@@ -123,7 +123,7 @@ class DataStage(Stage):
         """One outcome per input row, in order."""
 
     def engines(self) -> int:
-        """Models the stage samples from in turn, more than one process can hold at once (`responses`): on Ray
+        """Models the stage samples from in turn because one process cannot hold them all (`responses`): on Ray
         each worker holds one of them and runs its part of every shard (`process_part`), and the driver puts the
         parts together (`combine`); in-process, `process` runs them one after another."""
         return 1
@@ -227,11 +227,9 @@ def write_manifest(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _fingerprint(recipe: Any, inputs: dict[str, dict]) -> str:
+def _fingerprint(plain_recipe: dict[str, Any], inputs: dict[str, dict]) -> str:
     """What decides a run's outputs: the recipe, less where its shards run (`executor`), and its inputs."""
-    plain = to_plain(recipe)
-    plain.pop("executor", None)
-    recipe_text = dump_yaml(plain)
+    recipe_text = dump_yaml({key: value for key, value in plain_recipe.items() if key != "executor"})
     return hashlib.sha256((recipe_text + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()[:16]
 
 
@@ -267,8 +265,9 @@ class Run:
             if not Path(path).is_file():
                 raise StageError(f"{name}: {n}: {path}: file not found")
             inputs[n] = {"source": str(path), "sha256": file_sha256(path)}
-        recipe_text = dump_yaml(recipe)
-        fingerprint = _fingerprint(recipe, inputs)
+        plain_recipe = to_plain(recipe)
+        recipe_text = dump_yaml(plain_recipe)
+        fingerprint = _fingerprint(plain_recipe, inputs)
         manifest_path = run_dir / "manifest.json"
         if manifest_path.exists():
             done = json.loads(manifest_path.read_text())

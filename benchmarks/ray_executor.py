@@ -45,8 +45,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     model = init_checkpoint("tiny", folder / "model", seed=0)
     prompts = folder / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"Tell me about {i}."}],
-                                           "source": "bench", "meta": {}}) + "\n" for i in range(a.rows)))
+    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Tell me about {i}."}], "source": "bench",
+             "meta": {}} for i in range(a.rows)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     executors = {"local": {"kind": "local"}, "ray-1": {"kind": "ray", "workers": 1, "cpus_per_worker": 2},
                  "ray-2": {"kind": "ray", "workers": 2, "cpus_per_worker": 1}}
     executors = {name: executors[name] for name in a.executors.split(",")}
@@ -86,8 +87,9 @@ def main() -> None:
         print(f"{key}: {value:.3f}x the time")
     print(f"Ray overhead with 1 worker: {100 * overhead:+.1f}% of the in-process time, best of {a.rounds} rounds each "
           f"({100 * ((results['ray-1']['best_s'] + ray_start_s) / local - 1):+.1f}% counting Ray's start)")
-    path = write_result(f"ray-executor-{a.rows}x{a.new_tokens}", {"args": vars(a), "ray_start_s": round(ray_start_s, 2), "results": results,
-                                         "ratios": ratios, "overhead_1_worker": round(overhead, 4)})
+    path = write_result(f"ray-executor-{a.rows}x{a.new_tokens}",
+                        {"args": vars(a), "ray_start_s": round(ray_start_s, 2), "results": results, "ratios": ratios,
+                         "overhead_1_worker": round(overhead, 4)})
     print(f"wrote {path}")
 
 

@@ -7,8 +7,8 @@ the whole shard, the one still loaded from the last shard first, so S shards and
 S x (G - 1) + 1 times (with big models, use big shards). On Ray each generator is an engine of its own: every
 worker holds one generator for the whole run and samples its part of each shard, and the driver puts the parts
 together, so each model loads once per worker. Every generator samples with the shard's seed whatever the order
-or the process, so a resumed run, or one on Ray, writes the same bytes. Empty responses are dropped; an instruction left with
-none is quarantined.
+or the process, so a resumed run, or one on Ray, writes the same bytes. Empty responses are dropped; an
+instruction left with none is quarantined.
 """
 
 from __future__ import annotations
