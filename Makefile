@@ -35,8 +35,9 @@ test:
 test-slow:
 	$(BIN)/python -m pytest -q -m slow
 
+# make demo MOE=1: the upcycled MoE through SFT, RM, DPO and online DPO too, beside the dense model.
 demo:
-	$(BIN)/qwen2-align demo
+	$(BIN)/qwen2-align demo $(if $(filter 1,$(MOE)),--moe)
 
 init:
 	$(BIN)/qwen2-align init --preset $(PRESET) --out runs/$(PRESET)/init

@@ -9,7 +9,8 @@ model and strategy of each), written to `rankings.jsonl`. With `judge:` a model 
 - `kind: model`, a chat model, reads the conversation and all the responses and answers with a score from 1 to 10
   for each (`JUDGE_PROMPT`, read leniently), by default twice with the responses in opposite orders and the
   scores averaged, so that a judge's liking for a position cancels out; an answer without the scores
-  quarantines the item with the judge's text.
+  quarantines the item with the judge's text. `mode: pointwise` asks about one response at a time instead (the
+  same prompt with one response): no position to favour and no count to keep, which a small judge gets wrong.
 
 The order is by score, ties keeping the responses' order. People ranking in the web app (`annotate_app`) give
 rows of the same shape, and `export` turns either into data: the top response to D when its score reaches
@@ -57,7 +58,7 @@ def item_problem(item: dict) -> str | None:
 
 
 JUDGE_PROMPT = (
-    "Below is a conversation that ends with an instruction, then {count} responses to it. Score each response "
+    "Below is a conversation that ends with an instruction, then {count} {noun} to it. Score each response "
     "from 1 (useless or wrong) to 10 (correct, helpful and following every part of the instruction). Judge the "
     "content, not the length or the order the responses are shown in.\n\n# Conversation\n{conversation}\n\n"
     "# Responses\n{responses}\n\nAnswer only with JSON: {{\"scores\": [one number per response, in the order shown]}}"
@@ -68,8 +69,9 @@ def judge_prompt(prompt: list[dict], contents: list[str]) -> list[dict]:
     """The model judge's question about one item, its responses in the order given."""
     conversation = "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
     shown = "\n\n".join(f"[Response {k}]\n{content}" for k, content in enumerate(contents, 1))
-    return [{"role": "user", "content": JUDGE_PROMPT.format(count=len(contents), conversation=conversation,
-                                                            responses=shown)}]
+    noun = "response" if len(contents) == 1 else "responses"
+    return [{"role": "user", "content": JUDGE_PROMPT.format(count=len(contents), noun=noun,
+                                                            conversation=conversation, responses=shown)}]
 
 
 def parse_scores(text: str, count: int) -> list[float] | None:
@@ -157,6 +159,7 @@ class Judge:
     batch_size: int = 16  # reward_model
     generation: GenerationSpec | None = None  # model: any generation backend; temperature 0 for a stable ranking
     both_orders: bool = True  # model: average over the shown and the reversed order (LLM judges favour positions)
+    mode: Literal["listwise", "pointwise"] = "listwise"  # model: all responses in one prompt, or one per prompt
     min_score: float | None = None  # the top response goes to D only when its score reaches this; None = always
 
     def __post_init__(self) -> None:
@@ -211,7 +214,8 @@ class AnnotateStage(DataStage):
         super().__init__(recipe)
         judge = recipe.judge
         self.judge_name = ({"kind": judge.kind, "path": judge.path} if judge.kind == "reward_model" else
-                           {"kind": judge.kind, "model": judge.generation.model, "both_orders": judge.both_orders})
+                           {"kind": judge.kind, "model": judge.generation.model, "both_orders": judge.both_orders,
+                            "mode": judge.mode})
 
     def setup(self) -> None:
         judge = self.recipe.judge
@@ -228,15 +232,29 @@ class AnnotateStage(DataStage):
         return [[next(scores) for _ in row["responses"]] for row in rows]
 
     def model_scores(self, rows: list[dict], ctx: ShardContext) -> list[list[float] | str]:
-        """Per row the judge's scores, averaged over both orders; or why they could not be read, with the answers."""
-        orders = (False, True) if self.recipe.judge.both_orders else (False,)
-        prompts = [judge_prompt(row["prompt"], [r["content"] for r in row["responses"]][::-1 if reverse else 1])
-                   for row in rows for reverse in orders]
-        answers = self.generator.generate(prompts, self.recipe.judge.generation.sampling(seed=ctx.seed))
+        """Per row the judge's scores (listwise: averaged over both orders; pointwise: one answer per response),
+        or why they could not be read, with the answers."""
+        judge = self.recipe.judge
+        contents = [[r["content"] for r in row["responses"]] for row in rows]
+        if judge.mode == "pointwise":
+            shown = [[[content] for content in row] for row in contents]
+        else:
+            shown = [[row[::-1] if reverse else row for reverse in ((False, True) if judge.both_orders else (False,))]
+                     for row in contents]
+        prompts = [judge_prompt(row["prompt"], view) for row, views in zip(rows, shown) for view in views]
+        answers = self.generator.generate(prompts, judge.generation.sampling(seed=ctx.seed))
         ctx.add_tokens(sum(c.num_tokens for cs in answers for c in cs))
-        texts = [cs[0].text for cs in answers]
-        return [judged_scores(texts[i * len(orders):(i + 1) * len(orders)], len(row["responses"]))
-                for i, row in enumerate(rows)]
+        texts = iter(cs[0].text for cs in answers)
+        out: list[list[float] | str] = []
+        for views in shown:
+            answered = [next(texts) for _ in views]
+            if judge.mode == "listwise":
+                out.append(judged_scores(answered, len(views[0])))
+                continue
+            read = [judged_scores([text], 1) for text in answered]
+            problems = [scores for scores in read if isinstance(scores, str)]
+            out.append(problems[0] if problems else [scores[0] for scores in read])
+        return out
 
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         problems = [item_problem(row) for row in rows]

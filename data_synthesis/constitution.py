@@ -3,6 +3,7 @@
 A constitution is a YAML file of principles (`recipes/constitution/default.yaml` ships ours:
 harm avoidance, honesty, privacy, refusing harmful instructions, no invented facts), each with an
 `id`, a `follow` instruction and a `violate` instruction. For every prompt row,
+the principle it names in `meta.principle` is used (when the recipe chose it), else
 `principles_per_prompt` principles are drawn (without repeats, from the recipe's seed and the
 row's id, so a resumed or re-sharded run draws the same ones). For each, the teacher answers the
 prompt twice: under a system prompt asking it to follow the principle, and under one asking it to
@@ -10,6 +11,10 @@ break it. The follower's reply, after the original prompt with no added system p
 demonstration (D); follower vs violator is a preference pair (P). Both record the principle in
 `meta.lineage` (stage, model, seed, parent id, principle). A pair whose replies are empty or equal
 is dropped; a prompt left with no pair is quarantined.
+
+A principle may also list `follow_markers`: phrases one of which a reply that keeps it contains (a refusal, an
+admission of doubt). `Principle.followed_by` is that rule, a coarse check (case-insensitive substring, curly
+apostrophes read as straight ones) that `eval`'s `principles` task scores held-out replies with; it is no judge.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class Principle:
     follow: str
     violate: str
     description: str = ""
+    # phrases one of which a reply that keeps the principle contains; empty = no rule scores it
+    follow_markers: list[str] = field(default_factory=list, hash=False)
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.id):
@@ -49,6 +56,22 @@ class Principle:
             if not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
             object.__setattr__(self, name, getattr(self, name).strip())
+        markers = self.follow_markers
+        if not isinstance(markers, list) or not all(isinstance(m, str) and m.strip() for m in markers):
+            raise ValueError(f"follow_markers: must be a list of non-empty strings (phrases such as \"I will not\"), "
+                             f"got {markers!r}")
+        object.__setattr__(self, "follow_markers", [m.strip() for m in markers])
+
+    def followed_by(self, reply: str) -> bool:
+        """Whether `reply` contains one of the follow markers (case-insensitive, curly apostrophes as straight)."""
+        if not self.follow_markers:
+            raise ValueError(f"principle {self.id!r} has no follow_markers: no rule says whether a reply keeps it")
+        text = _fold(reply)
+        return any(_fold(marker) in text for marker in self.follow_markers)
+
+
+def _fold(text: str) -> str:
+    return text.replace("\u2019", "'").casefold()
 
 
 @dataclass
@@ -146,9 +169,18 @@ class ConstitutionStage(GeneratingStage):
     def input_files(self) -> dict[str, str]:
         return {"constitution": self.recipe.constitution_path}
 
+    def principles_of(self, row: dict) -> list[Principle]:
+        """The principle the row names in `meta.principle` (one the recipe chose), else `principles_per_prompt`
+        drawn for it."""
+        recipe, named = self.recipe, row["meta"].get("principle")
+        chosen = {p.id: p for p in recipe.chosen}
+        if named in chosen:
+            return [chosen[named]]
+        return pick_principles(recipe.chosen, recipe.principles_per_prompt, recipe.seed, row["id"])
+
     def process(self, rows: list[dict], ctx: ShardContext) -> list[Outcome]:
         recipe = self.recipe
-        picks = [pick_principles(recipe.chosen, recipe.principles_per_prompt, recipe.seed, row["id"]) for row in rows]
+        picks = [self.principles_of(row) for row in rows]
         prompts = [with_system(row["messages"], template.format(follow=p.follow, violate=p.violate))
                    for row, chosen in zip(rows, picks) for p in chosen for template in (FOLLOW_SYSTEM, VIOLATE_SYSTEM)]
         texts = iter(c[0].text for c in self.sample_prompts(prompts, ctx, n=1))

@@ -224,10 +224,14 @@ def _run_upcycle(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--moe", action="store_true", help="also upcycle the base model into the tiny MoE and train it")
+
+
 def _run_demo(a: argparse.Namespace) -> int:
     """Every stage on the tiny world, then the report (qwen2_align/demo)."""
     _run_check(argparse.Namespace(recipes="recipes/tiny"))
-    run_demo()
+    run_demo(moe=a.moe)
     return 0
 
 
@@ -250,7 +254,7 @@ COMMANDS: dict[str, Command] = {
     "push": ("push a run's model, tokenizer and model card to the Hugging Face Hub", _add_push, _uploader(push, "")),
     "push-data": ("push an assemble run's D and P as a Hub data set (parquet splits, card)", _add_push_data,
                   _uploader(push_data, "the data set ")),
-    "demo": ("the whole pipeline on the tiny default", None, _run_demo),
+    "demo": ("the whole pipeline on the tiny default (--moe: and on its upcycled MoE)", _add_demo, _run_demo),
 }
 
 

@@ -11,6 +11,8 @@ Every model of `models` (a checkpoint directory with its tokenizer, or a Hub id)
 - constraints: the row's `meta.constraints` (seed kinds of `reward.constraints`) are appended to the user
   turn as `execution` does, and their trusted checkers judge the reply in the sandbox. The rate is the share
   of replies that follow every constraint; `constraint_rate/<kind>` the share that follow that kind;
+- principles: the prompt as it is (no principle in it), the reply judged by the rule of the row's `meta.principle`
+  in `constitution` (`Principle.followed_by`: it contains one of the principle's `follow_markers`, a coarse check);
 - reward: the mean score of every reply above under the reward model (`alignment.reward_model.RewardModel`);
 - perplexity on base text (`{id, text}` rows), the alignment tax: exp(sum of token NLL / predicted tokens),
   each text's tokens truncated to `perplexity.max_length`, its first token not predicted (Qwen2 has no BOS).
@@ -55,14 +57,16 @@ from alignment.model.dca import trained_length_of
 from alignment.reward_model import RewardModel
 from alignment.stages import Run, Stage, StageError
 from alignment.tokenizer import load_tokenizer
+from data_synthesis.constitution import DEFAULT_CONSTITUTION, Principle, load_constitution
 from reward.code import run_solutions, task_tests
 from reward.constraints import ConstraintError, constrained_prompt, constraints_from_specs, run_checkers
 from reward.sandbox import SandboxSpec, check_sandbox
 from reward.verifiers import math_equal
 
-# Task input name -> row kind; the first three are answered by the models, base_text is read.
-TASKS = {"arithmetic": "prompt", "code": "prompt", "constraints": "prompt", "base_text": "text"}
-GENERATED = ("arithmetic", "code", "constraints")
+# Task input name -> row kind; the first four are answered by the models, base_text is read.
+TASKS = {"arithmetic": "prompt", "code": "prompt", "constraints": "prompt", "principles": "prompt",
+         "base_text": "text"}
+GENERATED = ("arithmetic", "code", "constraints", "principles")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The numbers of a reply: thousands separators only in groups of three, so "3,4,7" reads as 3, 4 and 7.
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -138,7 +142,8 @@ class LmEvalSpec:
 
 @dataclass
 class EvalRecipe:
-    """inputs.{arithmetic, code, constraints} (prompt rows), inputs.base_text (text rows) -> metrics per model."""
+    """inputs.{arithmetic, code, constraints, principles} (prompt rows), inputs.base_text (text rows) -> metrics per
+    model."""
 
     stage: str
     run_dir: str
@@ -148,6 +153,7 @@ class EvalRecipe:
     generation: GenerationSpec = field(default_factory=lambda: GenerationSpec(temperature=0.0))  # model: unused
     sandbox: SandboxSpec = field(default_factory=SandboxSpec)
     reward_model: RewardSpec | None = None
+    constitution: str = ""  # the principles task's rules (follow_markers); "" = recipes/constitution/default.yaml
     perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
     passkey: PasskeySpec | None = None
     lm_eval: LmEvalSpec | None = None
@@ -175,6 +181,10 @@ class EvalRecipe:
             raise ValueError("generation: backend: eval loads each model itself: transformers or vllm")
         if self.reward_model is not None and not any(t in self.inputs for t in GENERATED):
             raise ValueError(f"reward_model: scores the replies to {', '.join(GENERATED)}; give one of those inputs")
+        self.constitution_path = self.constitution or str(DEFAULT_CONSTITUTION)
+        if "principles" in self.inputs and not any(p.follow_markers for p in load_constitution(self.constitution_path)):
+            raise ValueError(f"constitution: {self.constitution_path} has no principle with follow_markers, "
+                             "so no rule scores inputs.principles")
 
 
 def models_override(specs: list[str]) -> str:
@@ -199,15 +209,16 @@ class Task:
     name: str
     rows: list[dict]
     prompts: list[list[dict]] = field(default_factory=list)
-    references: list[Any] = field(default_factory=list)  # answer / tests / constraints, per row
+    references: list[Any] = field(default_factory=list)  # answer / tests / constraints / principle, per row
 
 
 def _row_error(task: str, source: Any, row: dict, message: str) -> StageError:
     return StageError(f"eval: inputs.{task}: {source}: row {row['id']!r}: {message}")
 
 
-def read_task(name: str, data: DataInput) -> Task:
-    """Read and check one task file; a malformed row is an error (a held-out set does not shrink silently)."""
+def read_task(name: str, data: DataInput, constitution: str | Path = DEFAULT_CONSTITUTION) -> Task:
+    """Read and check one task file; a malformed row is an error (a held-out set does not shrink silently).
+    `constitution` holds the principles that the `principles` task's rows name."""
 
     try:
         read = read_rows(data, TASKS[name])
@@ -219,6 +230,12 @@ def read_task(name: str, data: DataInput) -> Task:
     if not read.rows:
         raise StageError(f"eval: inputs.{name}: {data}: no rows")
     task = Task(name, read.rows)
+    if name == "principles":
+        try:
+            principles: dict[str, Principle] = {p.id: p for p in load_constitution(constitution)}
+        except ValueError as e:
+            raise StageError(f"eval: constitution: {e}") from None
+        scored = [p.id for p in principles.values() if p.follow_markers]
     for row in read.rows:
         meta = row["meta"]
         if name == "arithmetic":
@@ -245,6 +262,20 @@ def read_task(name: str, data: DataInput) -> Task:
                                                   "eval scores seed kinds only")
             task.prompts.append(constrained_prompt(row, constraints))
             task.references.append(constraints)
+        elif name == "principles":
+            principle_id = meta.get("principle")
+            if not isinstance(principle_id, str) or not principle_id:
+                raise _row_error(name, data, row, f"meta.principle: required (the id of a principle of {constitution} "
+                                                  f"with follow_markers: {', '.join(scored) or 'none'})")
+            if principle_id not in principles:
+                raise _row_error(name, data, row, f"meta.principle: {principle_id!r} is not a principle of "
+                                                  f"{constitution} (it has {', '.join(principles)})")
+            if not principles[principle_id].follow_markers:
+                raise _row_error(name, data, row, f"meta.principle: {principle_id!r} has no follow_markers in "
+                                                  f"{constitution}, so no rule scores it (these have: "
+                                                  f"{', '.join(scored) or 'none'})")
+            task.prompts.append(row["messages"])
+            task.references.append(principles[principle_id])
     return task
 
 
@@ -309,7 +340,24 @@ def score_constraints(task: Task, replies: list[str], sandbox: SandboxSpec) -> t
     return metrics, counts, samples
 
 
-SCORERS = {"arithmetic": score_arithmetic, "code": score_code, "constraints": score_constraints}
+def score_principles(task: Task, replies: list[str], sandbox: SandboxSpec) -> tuple[dict, dict, list[dict]]:
+    """Each reply by its row's principle's rule (`Principle.followed_by`); no code runs, so no sandbox."""
+
+    by_principle: dict[str, list[bool]] = {}
+    samples = []
+    for row, prompt, reply, principle in zip(task.rows, task.prompts, replies, task.references):
+        ok = principle.followed_by(reply)
+        by_principle.setdefault(principle.id, []).append(ok)
+        samples.append({"id": row["id"], "prompt": prompt, "reply": reply, "principle": principle.id, "verdict": ok})
+    metrics = {"principle_following_rate": _rate([s["verdict"] for s in samples])}
+    metrics |= {f"principle_rate/{principle_id}": _rate(oks) for principle_id, oks in sorted(by_principle.items())}
+    counts = {"rows": len(samples), "followed": sum(s["verdict"] for s in samples),
+              "checked": {principle_id: len(oks) for principle_id, oks in sorted(by_principle.items())}}
+    return metrics, counts, samples
+
+
+SCORERS = {"arithmetic": score_arithmetic, "code": score_code, "constraints": score_constraints,
+           "principles": score_principles}
 
 
 @torch.inference_mode()
@@ -544,11 +592,13 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         raise StageError(f"eval: the code sandbox cannot run here: {problem}")
     if recipe.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
         raise StageError("eval: lm_eval: lm-eval is not installed (pip install lm-eval), or set lm_eval: null")
+    if "principles" in recipe.inputs:
+        files["constitution"] = recipe.constitution_path  # its sha256 in the fingerprint: edited rules, another run
     start = Run.start("eval", recipe, list(recipe.inputs), files)
     if start.done:
         return start.done
     store = ResultStore(start.run_dir)
-    tasks = {name: read_task(name, data) for name, data in recipe.inputs.items()}
+    tasks = {name: read_task(name, data, recipe.constitution_path) for name, data in recipe.inputs.items()}
     units = [(m.name, t) for m in recipe.models for t in
              [*(n for n in GENERATED if n in tasks), *(["reward"] if recipe.reward_model else []),
               *(["perplexity"] if "base_text" in tasks else []), *(["passkey"] if recipe.passkey else []),

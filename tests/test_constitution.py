@@ -12,9 +12,10 @@ from alignment.data import read_rows
 from alignment.generation import Completion
 from alignment.recipe_loader import RecipeError
 from alignment.stages import ShardContext, StageError
-from data_synthesis.constitution import DEFAULT_CONSTITUTION, ConstitutionStage, load_constitution, pick_principles
+from data_synthesis.constitution import (DEFAULT_CONSTITUTION, ConstitutionStage, Principle, load_constitution,
+                                         pick_principles)
 from qwen2_align.cli import main
-from qwen2_align.demo.tiny_world import SAFETY
+from qwen2_align.demo.tiny_world import principle_cases
 from qwen2_align.stage_table import load_recipe, run
 
 REQUIRED = {"harm-avoidance", "honesty", "privacy", "refuse-harmful-instructions", "no-invented-facts"}
@@ -56,8 +57,9 @@ def test_the_default_constitution_covers_the_required_principles():
     for preset in ("qwen2-0.5b", "qwen2-7b", "qwen2-72b", "qwen2-57b-a14b"):
         recipe = load_recipe(f"recipes/{preset}/constitution.yaml")
         assert {p.id for p in recipe.chosen} == {p.id for p in principles}
-    # the demo draws the two principles its tiny world teaches (qwen2_align.demo.tiny_world.SAFETY)
-    assert [p.id for p in load_recipe("recipes/tiny/constitution.yaml").chosen] == list(SAFETY)
+    # the demo draws the two principles its tiny world teaches (qwen2_align.demo.tiny_world.principle_cases)
+    taught = list(dict.fromkeys(case[0] for case in principle_cases()))
+    assert [p.id for p in load_recipe("recipes/tiny/constitution.yaml").chosen] == taught
 
 
 def test_a_bad_constitution_is_a_one_line_error_naming_file_and_field(tmp_path):
@@ -75,6 +77,12 @@ def test_a_bad_constitution_is_a_one_line_error_naming_file_and_field(tmp_path):
         ("principle: []\n", "principle: unknown key (did you mean 'principles'?)"),
         ("principles: []\n", "principles: must be a non-empty list"),
         ("principles: [\n", "line 2: invalid YAML"),
+        ("principles:\n  - {id: a, follow: x, violate: y, follow_markers: ['I will not', ' ']}\n",
+         "principles[0].follow_markers: must be a list of non-empty strings"),
+        ("principles:\n  - {id: a, follow: x, violate: y, follow_markers: I will not}\n",
+         "principles[0].follow_markers: expected a list"),
+        ("principles:\n  - {id: a, follow: x, violate: y, follow_markers: [3]}\n",
+         "principles[0].follow_markers[0]: expected str"),
     ]
     for text, expected in cases:
         bad.write_text(text)
@@ -85,6 +93,21 @@ def test_a_bad_constitution_is_a_one_line_error_naming_file_and_field(tmp_path):
     bad.write_text(cases[0][0])
     assert main(["constitution", "--recipe", str(recipe)]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_follow_markers_are_checked_stripped_and_optional():
+    by_id = {p.id: p for p in load_constitution(DEFAULT_CONSTITUTION)}
+    assert "I won't" in by_id["harm-avoidance"].follow_markers and "I don't know" in by_id["honesty"].follow_markers
+    assert [i for i, p in by_id.items() if p.follow_markers] == ["harm-avoidance", "honesty"]
+    assert by_id["harm-avoidance"].followed_by("Sorry, I CAN'T HELP with that.")
+    assert not by_id["harm-avoidance"].followed_by("Sure, here is how.")
+    with pytest.raises(ValueError, match="'privacy' has no follow_markers"):
+        by_id["privacy"].followed_by("I will not.")
+    assert Principle("a", "x", "y", follow_markers=["  I refuse "]).follow_markers == ["I refuse"]
+    for bad in (["I refuse", ""], ["  "], "I refuse", ("I refuse",), [None]):
+        with pytest.raises(ValueError, match="follow_markers: must be a list of non-empty strings"):
+            Principle("a", "x", "y", follow_markers=bad)
+    hash(by_id["honesty"])  # principles stay hashable
 
 
 def test_recipe_checks_principle_ids_and_counts(tmp_path):
@@ -140,6 +163,20 @@ def test_follower_is_chosen_and_in_d_violator_is_rejected(tmp_path):
     sent = [p for p in stage.generator.prompts if p[-1]["content"] == PROMPTS[2]["messages"][-1]["content"]]
     assert all(p[0]["content"].endswith("\n\nYou are a bank's support agent.") and len(p) == 2 for p in sent)
     assert outcomes[1]["demonstrations"][0]["messages"][0] == PROMPTS[2]["messages"][0]
+
+
+def test_a_row_naming_a_chosen_principle_gets_that_one_else_drawn_ones(tmp_path):
+    chosen = ["honesty", "privacy", "harm-avoidance"]
+    recipe = load_recipe(_write_recipe(tmp_path, _recipe(tmp_path, principles=chosen)))
+    stage = ConstitutionStage(recipe)
+    stage.generator = _Echo()
+    rows = [dict(PROMPTS[0], source="t", meta={"principle": "harm-avoidance"}),
+            dict(PROMPTS[4], source="t", meta={"principle": "no-invented-facts"}),  # not chosen: drawn
+            dict(PROMPTS[1], source="t", meta={})]
+    outcomes = stage.process(rows, ShardContext(0, 7))
+    principles = [[r["meta"]["lineage"]["principle"] for r in out["preferences"]] for out in outcomes]
+    assert principles[0] == ["harm-avoidance"]
+    assert principles[1:] == [[p.id for p in pick_principles(recipe.chosen, 2, 3, row["id"])] for row in rows[1:]]
 
 
 def test_the_stage_runs_on_the_tiny_model_and_resumes(tmp_path):

@@ -13,7 +13,8 @@ from data_synthesis.constitution import FOLLOW_SYSTEM, VIOLATE_SYSTEM
 from data_synthesis.evolve import depth_prompt
 from data_synthesis.instag import TAG_PROMPT
 from data_synthesis.repurpose import DETAIL_TEMPLATES, OPENING_TEMPLATE
-from qwen2_align.demo.tiny_world import TinyWorld, arithmetic_eval, pretraining_corpus, write_world
+from qwen2_align.demo.tiny_world import (TinyWorld, arithmetic_eval, constrained_question, pretraining_corpus,
+                                         write_world)
 from qwen2_align.stage_table import load_recipe, run
 
 
@@ -58,17 +59,25 @@ def test_the_world_states_every_sum_and_asks_the_evaluation_question_rarely_abou
 
 
 def test_no_synthesis_input_asks_what_an_evaluation_set_asks(tmp_path):
-    paths = write_world(TinyWorld(documents=300), tmp_path)
+    world = TinyWorld(documents=3000)
+    paths = write_world(world, tmp_path)
     rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in paths.items()}
-    asked = lambda name: {row["messages"][-1]["content"] for row in rows[name]}  # noqa: E731
-    training = asked("inputs/math_problems") | asked("inputs/code_tasks") | asked("inputs/if_tasks")
-    for evaluation in ("eval/arithmetic", "eval/code", "eval/constraints"):
-        assert asked(evaluation) and not asked(evaluation) & training, evaluation
+    asked = lambda name: {constrained_question(row["messages"][-1]["content"], row["meta"]["constraints"][0])  # noqa: E731
+                          if "constraints" in row["meta"] else row["messages"][-1]["content"] for row in rows[name]}
+    training = (asked("inputs/math_problems") | asked("inputs/code_tasks") | asked("inputs/if_tasks")
+                | asked("inputs/safety_prompts") | asked("inputs/instructions"))
+    for evaluation in ("eval/arithmetic", "eval/code", "eval/constraints", "eval/principles"):
+        assert len(asked(evaluation)) >= 40 and not asked(evaluation) & training, evaluation
     corpus = "\n".join(row["text"] for row in rows["pretrain"])
-    for prompt in asked("eval/code") | asked("eval/arithmetic"):
+    for prompt in asked("eval/code") | asked("eval/arithmetic") | asked("eval/constraints") | asked("eval/principles"):
         assert prompt not in corpus  # the held-out tasks are never asked in pretraining either
-    assert "def count_a(text):" in corpus  # but the knowledge they need is there
+    held_out = world.functions()[1]
+    assert sum(function.code in corpus for function in held_out) >= 40  # but the knowledge they need is there
+    questions = {row["messages"][-1]["content"] for row in rows["eval/constraints"]}
+    assert not questions & {row["messages"][-1]["content"] for row in rows["inputs/if_tasks"]}  # other questions
+    assert {row["meta"]["principle"] for row in rows["eval/principles"]} == {"harm-avoidance", "honesty"}
     assert {row["meta"]["answer"] for row in rows["inputs/math_problems"]} <= {str(s) for s in range(39)}
+    assert "The pass key is" in corpus and "scores" in corpus
 
 
 @pytest.fixture(scope="module")

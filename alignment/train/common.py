@@ -91,7 +91,7 @@ class TrainRecipe:
     stage: str
     run_dir: str
     model: str  # checkpoint directory or Hub id to start from
-    inputs: dict[str, DataInput] = field(default_factory=dict)  # train (required), eval (optional)
+    inputs: dict[str, DataInput] = field(default_factory=dict)  # train (required), eval, replay (sft only)
     seed: int = 0
     eval_fraction: float = 0.0  # held out from train when no eval input is given
     # Compute precision; weights and optimizer state stay float32 (see the module docstring).
@@ -103,6 +103,9 @@ class TrainRecipe:
     trl_config_class: ClassVar[type]  # the TRL config `training:` maps onto
 
     def __post_init__(self) -> None:
+        if "replay" in self.inputs and self.stage != "sft":  # pretraining text mixed into D (see `Qwen2SFTTrainer`)
+            raise ValueError(f"inputs.replay: only the sft stage replays pretraining text, not {self.stage}; "
+                             "remove inputs.replay")
         self.args = self.trl_arguments()
 
     def compute_precision(self) -> str:
@@ -138,6 +141,7 @@ class TrainingData:
     train: list[dict]
     eval: list[dict]
     counts: dict[str, int]
+    replay: list[dict] = field(default_factory=list)  # text rows trained on alongside train (SFT's inputs.replay)
 
     def train_dataset(self):
         """The training rows as the dataset type TRL expects for them."""
@@ -146,13 +150,19 @@ class TrainingData:
     def eval_dataset(self):
         return trl_dataset(self.eval, self.kind) if self.eval else None
 
+    def replay_dataset(self) -> datasets.Dataset | None:
+        """The replay rows as TRL's plain text dataset (`text`), or None without replay."""
+        return datasets.Dataset.from_dict({"text": [r["text"] for r in self.replay]}) if self.replay else None
+
 
 def load_training_data(recipe: TrainRecipe, kind: RowKind, run: Run) -> TrainingData:
-    """Train and eval rows: `inputs.eval` if given, else a seeded `eval_fraction` of train.
+    """Train and eval rows: `inputs.eval` if given, else a seeded `eval_fraction` of train; and the text rows of
+    `inputs.replay`, if given.
 
     Bad rows go to run_dir/quarantine.jsonl; the counts go into the manifest."""
+    kinds: dict[str, RowKind] = {"train": kind, "eval": kind, "replay": "text"}
     try:
-        read = {n: read_rows(recipe.inputs[n], kind) for n in ("train", "eval") if recipe.inputs.get(n)}
+        read = {n: read_rows(recipe.inputs[n], k) for n, k in kinds.items() if recipe.inputs.get(n)}
     except DataError as e:
         raise StageError(f"{recipe.stage}: {e}") from None
     quarantined = [q.record() for r in read.values() for q in r.quarantined]
@@ -175,7 +185,10 @@ def load_training_data(recipe: TrainRecipe, kind: RowKind, run: Run) -> Training
                          f"({len(quarantined)} quarantined, see {run.run_dir / 'quarantine.jsonl'})")
     counts = {"rows_in": sum(r.read for r in read.values()), "quarantined": len(quarantined),
               "merged_into_pairs": sum(r.merged for r in read.values()), "train": len(train), "eval": len(evaluation)}
-    return TrainingData(kind, train, evaluation, counts)
+    replay = read["replay"].rows if "replay" in read else []
+    if "replay" in read:  # in the manifest even when none is left
+        counts["replay"] = len(replay)
+    return TrainingData(kind, train, evaluation, counts, replay)
 
 
 def load_trainer_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -513,7 +526,8 @@ class TrainerStage(Stage):
 
     def run(self) -> dict[str, Any]:
         recipe = self.recipe
-        run = Run.start(self.name, recipe, [n for n in ("train", "eval") if n == "train" or recipe.inputs.get(n)])
+        names = [n for n in ("train", "eval", "replay") if n == "train" or recipe.inputs.get(n)]
+        run = Run.start(self.name, recipe, names)
         if run.done:
             return run.done
         data = load_training_data(recipe, self.data_kind, run)

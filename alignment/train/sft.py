@@ -5,6 +5,9 @@ layer changes is only where the loss is computed: our model takes the labels and
 cross-entropy from its chunked LM head (gradient computed in the same pass), so the
 full-vocabulary logits never exist. Packing uses TRL's padding-free batches: the position ids
 restart at every sample, and our attention keeps each sample to itself.
+
+`inputs.replay` (text rows, such as a `fraction` of the pretraining corpus) is trained on alongside D with every
+token in the loss, against the alignment tax (base-text perplexity rising after SFT).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from datasets import Dataset, concatenate_datasets
 from trl import SFTConfig, SFTTrainer
 
 from ..stages import Run
@@ -23,7 +27,7 @@ from .common import (TrainerStage, TrainingData, TrainRecipe, fit, load_trained_
 @dataclass
 class SFTRecipe(TrainRecipe):
     """inputs.train (D) -> the fine-tuned model; `training:` is `trl.SFTConfig`, evaluated every epoch when rows
-    are held out (inputs.eval or eval_fraction)."""
+    are held out (inputs.eval or eval_fraction). inputs.replay: text rows trained on with D (`Qwen2SFTTrainer`)."""
 
     trl_config_class: ClassVar[type] = SFTConfig
 
@@ -35,11 +39,28 @@ class Qwen2SFTTrainer(SFTTrainer):
     """SFTTrainer whose plain next-token loss comes from our model's chunked LM head, gradient
     computed in the forward pass. Every other loss (`loss_type: dft`, `label_smoothing_factor`,
     a `compute_loss_func`) takes TRL's own path, which our model answers through
-    `fused_lm_head=True` or with full logits."""
+    `fused_lm_head=True` or with full logits.
 
-    def __init__(self, *args, **kwargs):
+    `replay_dataset` (plain text, `text`) is prepared as TRL prepares a text dataset, every token labelled, and
+    mixed into the prepared D (`add_replay`)."""
+
+    def __init__(self, *args, replay_dataset: Dataset | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         use_native_lm_head(self.model)
+        self.replay_tokens = 0  # tokens of replay text in one pass over the training data
+        if replay_dataset is not None:
+            self.add_replay(replay_dataset)
+
+    def add_replay(self, texts: Dataset) -> None:
+        """TRL prepares one dataset type per trainer (here conversations, labelled on assistant tokens only), so the
+        texts are prepared on their own (tokenised, EOS added, labels = input ids, packed like D) and concatenated
+        with the prepared D. Shuffled with the seed, so that a sequential sampler does not see D, then replay."""
+        replay = self._prepare_dataset(texts, self.processing_class, self.args, self.args.packing, None, "replay")
+        # Without packing, each keeps its raw columns (messages, text); the collator reads these three only.
+        columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in self.train_dataset.column_names]
+        mixed = concatenate_datasets([self.train_dataset.select_columns(columns), replay.select_columns(columns)])
+        self.train_dataset = mixed.shuffle(seed=self.args.seed)
+        self.replay_tokens = sum(map(len, replay["input_ids"]))
 
     def _uses_trl_loss(self) -> bool:
         return self.args.loss_type != "nll" or self.label_smoother is not None or self.compute_loss_func is not None
@@ -79,7 +100,8 @@ def build_sft_trainer(recipe: SFTRecipe, data: TrainingData, start: str) -> Qwen
     """The model to train (from checkpoint `start`) and TRL's SFT trainer around it, as the recipe says."""
     model, tokenizer = load_trained_model(recipe, start), load_trainer_tokenizer(start)
     with unhashed_datasets():
-        return Qwen2SFTTrainer(model=model, **trainer_arguments(recipe, data, tokenizer))
+        return Qwen2SFTTrainer(model=model, replay_dataset=data.replay_dataset(),
+                               **trainer_arguments(recipe, data, tokenizer))
 
 
 class SFTStage(TrainerStage):
@@ -91,6 +113,8 @@ class SFTStage(TrainerStage):
         trainer = build_sft_trainer(self.recipe, data, start)
         metrics = fit(trainer, self.recipe, run.started)
         metrics["train_tokens_per_s"] = trainer._total_train_tokens / max(metrics["train_runtime_s"], 1e-9)
+        if data.replay:
+            metrics["replay_tokens"] = trainer.replay_tokens
         if data.eval:
             metrics |= {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
         save_model(trainer, self.recipe, run.run_dir, start)

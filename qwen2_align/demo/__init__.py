@@ -3,7 +3,8 @@ report (`qwen2_align.demo.report`) of what each stage bought.
 
     world -> pretrain (the base model, cached) -> generate, instag -> select -> evolve -> responses -> annotate
     (the base model as judge), rejection, execution (code, constraints), repurpose (literature, role-play),
-    constitution, decontam -> assemble -> sft -> rm -> dpo -> online-dpo (OnDARE) -> eval -> push dry-runs
+    constitution, decontam -> assemble -> sft (with replayed pretraining text) -> rm -> dpo -> online-dpo (OnDARE;
+    and again with AdamW, to compare) -> eval -> push dry-runs
 
 The base model is the teacher of every synthesis stage: the tiny world taught it the stages' own prompts
 (`qwen2_align.demo.tiny_world.CHAT_SKILLS`). The pretrain run is cached under `runs/tiny/base` and reused while the
@@ -17,11 +18,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignment.atomic import atomic_write_text
+from alignment.model.presets import PRESETS
+from alignment.recipe_loader import read_yaml
 from alignment.stages import RunDirTaken
+from alignment.upcycle import upcycle
 
 from .. import stage_table
 from ..hub import push, push_data
@@ -31,20 +35,57 @@ from .tiny_world import TinyWorld, write_world
 
 @dataclass(frozen=True)
 class DemoStep:
-    name: str  # the run's name: its recipe is recipes/tiny/<name>.yaml, its run dir runs/tiny/<name>
+    name: str  # the run's name: its run dir runs/tiny/<name>
     stage: str
+    recipe: str = ""  # recipes/tiny/<recipe>.yaml; "" = the step's name
+    overrides: tuple[str, ...] = ()  # `--set` overrides the step adds to its recipe
 
     @property
     def recipe_path(self) -> str:
-        return f"recipes/tiny/{self.name}.yaml"
+        return f"recipes/tiny/{self.recipe or self.name}.yaml"
 
 
-STEPS = tuple(DemoStep(name, name.removesuffix("-if").removesuffix("-roleplay")) for name in (
+# Online DPO twice from the same DPO model, once with OnDARE (the recipe) and once with plain AdamW at the same
+# learning rate and steps: the report puts the reward each gained beside the alignment tax each paid.
+ADAMW_TWIN = DemoStep("online-dpo-adamw", "online-dpo", "online-dpo",
+                      ("merging.method=none", "run_dir=runs/tiny/online-dpo-adamw"))
+STEPS = (*(DemoStep(name, name.removesuffix("-if").removesuffix("-roleplay")) for name in (
     "generate", "instag", "select", "evolve", "responses", "annotate", "rejection", "execution", "execution-if",
-    "repurpose", "repurpose-roleplay", "constitution", "decontam", "assemble", "sft", "rm", "dpo", "online-dpo",
-    "eval"))
+    "repurpose", "repurpose-roleplay", "constitution", "decontam", "assemble", "sft", "rm", "dpo", "online-dpo")),
+    ADAMW_TWIN, DemoStep("eval", "eval"))
+# `make demo MOE=1`: the base model upcycled into the tiny MoE (the `tiny-moe` preset's shape) and taken through
+# the same trainers on the same D and P; eval puts it beside the dense models.
+MOE_BASE = "runs/tiny/moe-base"
+MOE_STEPS = (
+    DemoStep("moe-sft", "sft", "sft", (f"model={MOE_BASE}", "run_dir=runs/tiny/moe-sft")),
+    DemoStep("moe-rm", "rm", "rm", ("model=runs/tiny/moe-sft", "run_dir=runs/tiny/moe-rm")),
+    DemoStep("moe-dpo", "dpo", "dpo", ("model=runs/tiny/moe-sft", "run_dir=runs/tiny/moe-dpo")),
+    DemoStep("moe-online-dpo", "online-dpo", "online-dpo",
+             ("model=runs/tiny/moe-dpo", "reference=runs/tiny/moe-dpo", "reward_model=runs/tiny/moe-rm",
+              f"merging.base_model={MOE_BASE}", "run_dir=runs/tiny/moe-online-dpo")))
+MOE_MODELS = {"moe-base": MOE_BASE, **{step.name: f"runs/tiny/{step.name}" for step in MOE_STEPS if step.stage != "rm"}}
 PUSH_REPO = "your-org/qwen2-tiny-demo"  # where the dry-runs would upload; nothing leaves the machine
 RUNS = Path("runs/tiny")  # where the tiny recipes read and write, relative to the checkout
+
+
+def demo_steps(moe: bool = False) -> tuple[DemoStep, ...]:
+    """The demo's steps; with `moe`, the MoE's trainers instead of the AdamW twin (to keep within 15 minutes),
+    and eval scores the MoE models beside the dense ones."""
+    if not moe:
+        return STEPS
+    models = [m for m in read_yaml(STEPS[-1].recipe_path)["models"] if m["name"] != ADAMW_TWIN.name]
+    models += [{"name": name, "path": path} for name, path in MOE_MODELS.items()]
+    dense = [step for step in STEPS[:-1] if step != ADAMW_TWIN]
+    return (*dense, *MOE_STEPS, replace(STEPS[-1], overrides=(f"models={json.dumps(models)}",)))
+
+
+def _upcycle(base: str) -> None:
+    """The MoE of `tiny-moe`'s shape upcycled from the base model (seconds; redone whenever it is missing)."""
+    if not Path(MOE_BASE, "config.json").exists():
+        shape = PRESETS["tiny-moe"]
+        upcycle(base, MOE_BASE, shape["num_experts"], shape["num_experts_per_tok"], shape["moe_intermediate_size"],
+                shape["shared_expert_intermediate_size"], norm_topk_prob=shape["norm_topk_prob"],
+                router_aux_loss_coef=shape["router_aux_loss_coef"])
 
 
 def _world(settings: dict) -> None:
@@ -62,25 +103,25 @@ def _pretrain(overrides: list[str]) -> dict:
     return stage_table.run("pretrain", stage_table.load_recipe("recipes/tiny/pretrain.yaml", overrides=overrides))
 
 
-def _start_fresh_or_resume(base_fingerprint: str) -> dict:
-    """The demo's state: resume an unfinished demo on the same base model, else clear the stage run dirs."""
+def _start_fresh_or_resume(base_fingerprint: str, moe: bool) -> dict:
+    """The demo's state: resume an unfinished demo on the same base model (dense or MoE alike), else clear the
+    stage run dirs."""
     state_path = RUNS / "demo.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if state.get("finished", True) or state.get("base") != base_fingerprint:
-        for step in STEPS:
-            shutil.rmtree(RUNS / step.name, ignore_errors=True)
-        shutil.rmtree(RUNS / "push", ignore_errors=True)
-        state = {"base": base_fingerprint, "finished": False, "seconds": {}}
+    if state.get("finished", True) or state.get("base") != base_fingerprint or state.get("moe", False) != moe:
+        for name in {step.name for step in (*STEPS, *MOE_STEPS)} | {"push", Path(MOE_BASE).name}:
+            shutil.rmtree(RUNS / name, ignore_errors=True)
+        state = {"base": base_fingerprint, "moe": moe, "finished": False, "seconds": {}}
         atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     else:
         print(f"demo: resuming the unfinished demo in {RUNS} (finished stages are kept)")
     return state
 
 
-def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None = None) -> dict:
-    """Run the demo under `runs/tiny` of the current directory. `overrides` maps a step name (or "pretrain") to
-    `--set` overrides and `world` sets `TinyWorld` fields: the shortened demo of the test suite uses both.
-    Returns the report's summary."""
+def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None = None, moe: bool = False) -> dict:
+    """Run the demo under `runs/tiny` of the current directory (with `moe`, the MoE's chain too). `overrides` maps
+    a step name (or "pretrain") to `--set` overrides and `world` sets `TinyWorld` fields: the shortened demo of the
+    test suite uses both. Returns the report's summary."""
     overrides = overrides or {}
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -90,10 +131,16 @@ def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None =
     clock = time.perf_counter()
     base = _pretrain(overrides.get("pretrain", []))
     seconds["pretrain"] = time.perf_counter() - clock
-    state = _start_fresh_or_resume(base["fingerprint"])
+    state = _start_fresh_or_resume(base["fingerprint"], moe)
     state_path = RUNS / "demo.json"
-    for step in STEPS:
-        recipe = stage_table.load_recipe(step.recipe_path, stage=step.stage, overrides=overrides.get(step.name, []))
+    steps = demo_steps(moe)
+    if moe:
+        clock = time.perf_counter()
+        _upcycle(base["run_dir"])
+        seconds["upcycle"] = time.perf_counter() - clock
+    for step in steps:
+        recipe = stage_table.load_recipe(step.recipe_path, stage=step.stage,
+                                         overrides=[*step.overrides, *overrides.get(step.name, [])])
         print(f"\n== demo: {step.name} ({step.recipe_path}) ==", flush=True)
         clock = time.perf_counter()
         stage_table.run(step.stage, recipe)
@@ -103,7 +150,7 @@ def run_demo(overrides: dict[str, list[str]] | None = None, world: dict | None =
     push_dry_runs()
     state["seconds"]["push"] = time.perf_counter() - clock
     state["seconds"] = seconds | state["seconds"]
-    summary = write_report(RUNS, STEPS, state["seconds"], time.perf_counter() - started)
+    summary = write_report(RUNS, steps, state["seconds"], time.perf_counter() - started)
     state["finished"] = True
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     return summary

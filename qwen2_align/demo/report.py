@@ -28,9 +28,14 @@ from alignment.precision import cpu_model
 HEADLINE = (("arithmetic_accuracy", "held-out arithmetic accuracy", True),
             ("code_pass@1", "held-out code pass@1", True),
             ("constraint_following_rate", "held-out constraint following", True),
+            ("principle_following_rate", "held-out principle following", True),
             ("reward_mean", "reward-model score", True),
-            ("perplexity", "perplexity on base text (alignment tax)", False))
-TRAINED = ("pretrain", "sft", "rm", "dpo", "online-dpo")
+            ("perplexity", "perplexity on base text (alignment tax)", False),
+            ("passkey@1x", "pass key at the trained length", True),
+            ("passkey@4x", "pass key at 4x, plain RoPE", True),
+            ("passkey@4x_dca_yarn", "pass key at 4x, DCA + YaRN", True))
+TRAINERS = ("sft", "rm", "dpo", "online-dpo")  # stages that train a model (pretrain runs before the steps)
+ONLINE = {"online-dpo": "OnDARE", "online-dpo-adamw": "AdamW"}  # online DPO's two optimizers, same start and steps
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -101,19 +106,47 @@ def plot_times(seconds: dict[str, float], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_episodes(episodes: list[dict], path: Path) -> None:
-    keys = [k for k in ("sample_reward_mean", "sample_accuracy", "eval_reward_mean", "eval_accuracy",
-                        "win_rate_vs_reference") if any(k in e for e in episodes)]
-    fig = Figure(figsize=(6, 3.2))
-    ax = fig.subplots()
-    for key in keys:
-        points = [(e["episode"], e[key]) for e in episodes if key in e]
-        ax.plot(*zip(*points), marker="o", label=key)
-    ax.set_xlabel("episode")
-    ax.set_title("online DPO: reward per episode", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+def plot_episodes(runs: dict[str, list[dict]], path: Path) -> None:
+    """One panel per online DPO run (OnDARE, AdamW): its rewards and accuracies per episode."""
+    fig = Figure(figsize=(5.5 * len(runs), 3.2))
+    for ax, (label, episodes) in zip(fig.subplots(1, len(runs), squeeze=False)[0], runs.items()):
+        keys = [k for k in ("sample_reward_mean", "sample_accuracy", "eval_reward_mean", "eval_accuracy",
+                            "win_rate_vs_reference") if any(k in e for e in episodes)]
+        for key in keys:
+            points = [(e["episode"], e[key]) for e in episodes if key in e]
+            ax.plot(*zip(*points), marker="o", label=key)
+        ax.set_xlabel("episode")
+        ax.set_title(f"online DPO ({label}): reward per episode", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def dense_vs_moe(metrics: dict[str, dict]) -> dict[str, dict[str, list]]:
+    """Per model stage the MoE went through: each headline metric as [dense, MoE] (`make demo MOE=1`)."""
+    return {stage: {key: [metrics[stage].get(key), metrics[f"moe-{stage}"].get(key)]
+                    for key, _, _ in HEADLINE if key in metrics[stage]}
+            for stage in ("base", "sft", "dpo", "online-dpo") if stage in metrics and f"moe-{stage}" in metrics}
+
+
+def merging_comparison(metrics: dict[str, dict], runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per online DPO run: the held-out reward it gained over its episodes and the tax it paid (base-text
+    perplexity over the DPO model's it started from, and over the base model's)."""
+    rows = {}
+    for name, label in ONLINE.items():
+        episodes = [e for e in runs.get(label, []) if "eval_reward_mean" in e]
+        if not episodes or name not in metrics:
+            continue
+        first, last = episodes[0], episodes[-1]
+        row = {"optimizer": label, "reward_gained": last["eval_reward_mean"] - first["eval_reward_mean"],
+               "sampled_accuracy_gained": last.get("eval_accuracy", 0.0) - first.get("eval_accuracy", 0.0)}
+        perplexity = metrics[name].get("perplexity")
+        if perplexity and metrics.get("dpo", {}).get("perplexity"):
+            row["tax_vs_dpo"] = perplexity / metrics["dpo"]["perplexity"]
+        if perplexity and metrics.get("base", {}).get("perplexity"):
+            row["tax_vs_base"] = perplexity / metrics["base"]["perplexity"]
+        rows[name] = row
+    return rows
 
 
 def _fmt(value: Any) -> str:
@@ -128,21 +161,22 @@ def write_report(root: str | Path, steps: tuple, seconds: dict[str, float], tota
     eval_dir = root / "eval"
     metrics = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").exists() else {}
     metrics = {m: {k: v for k, v in values.items() if k != "counts" and "/" not in k} for m, values in metrics.items()}
-    data_steps = [s.name for s in steps if s.stage not in TRAINED and s.stage != "eval"]
+    data_steps = [s.name for s in steps if s.stage not in TRAINERS and s.stage != "eval"]
     rows = stage_rows(root, data_steps)
-    online = root / "online-dpo" / "metrics.json"
-    episodes = json.loads(online.read_text())["episodes"] if online.exists() else []
+    online = {label: json.loads((root / name / "metrics.json").read_text())["episodes"]
+              for name, label in ONLINE.items() if (root / name / "metrics.json").exists()}
+    episodes = online.get("OnDARE", [])
     base = _manifest(root / "base")
-    trained = {"pretrain": base} | {name: _manifest(root / name) for name in TRAINED[1:]}
+    trained = {"pretrain": base} | {s.name: _manifest(root / s.name) for s in steps if s.stage in TRAINERS}
 
     if metrics:
         plot_metrics_by_stage(metrics, out / "metrics_by_stage.png")
     if rows:
         plot_rows(rows, out / "rows_by_stage.png")
     plot_times(seconds, out / "stage_times.png")
-    if episodes:
-        plot_episodes(episodes, out / "reward_by_episode.png")
-    for name, run_dir in (("pretrain", root / "base"), *((n, root / n) for n in TRAINED[1:])):
+    if online:
+        plot_episodes(online, out / "reward_by_episode.png")
+    for name, run_dir in (("pretrain", root / "base"), *((n, root / n) for n in list(trained)[1:])):
         if (run_dir / "curves.png").exists():
             shutil.copy2(run_dir / "curves.png", out / f"curves-{name}.png")
     if (root / "instag" / "ontology.png").exists():
@@ -152,7 +186,8 @@ def write_report(root: str | Path, steps: tuple, seconds: dict[str, float], tota
     summary = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "precision": trained["sft"].get("precision", {}),
                "metrics": metrics, "arithmetic_accuracy": accuracy, "rows": rows, "seconds": seconds,
                "total_seconds": total_seconds, "pretrain_cached_from_s": base.get("duration_s"),
-               "episodes": episodes,
+               "episodes": episodes, "merging": merging_comparison(metrics, online),
+               "dense_vs_moe": dense_vs_moe(metrics),
                "train_metrics": {k: m.get("metrics", {}) for k, m in trained.items() if m}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_markdown(summary, root))
@@ -182,6 +217,25 @@ def render_markdown(summary: dict, root: Path) -> str:
         shown = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not k.startswith("eval_steps")}
         lines.append(f"- **{name}**: " + ", ".join(f"{k} {_fmt(v)}" for k, v in list(shown.items())[:8]))
         lines.append(f"  ![curves](curves-{name}.png)")
+    if summary["merging"]:
+        lines += ["", "## Online DPO: OnDARE vs AdamW", "",
+                  "The same online DPO from the same DPO model, at the same learning rate and steps; the merging "
+                  "optimizer is what differs. Reward gained: held-out reward-model score, last episode minus the "
+                  "first; tax: base-text perplexity over the DPO model's (and the base model's).", "",
+                  "| run | optimizer | reward gained | sampled accuracy gained | tax vs DPO | tax vs base |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['optimizer']} | {_fmt(row['reward_gained'])} | "
+                  f"{_fmt(row['sampled_accuracy_gained'])} | {_fmt(row.get('tax_vs_dpo', ''))} | "
+                  f"{_fmt(row.get('tax_vs_base', ''))} |" for name, row in summary["merging"].items()]
+    if summary["dense_vs_moe"]:
+        keys = [(key, title) for key, title, _ in HEADLINE if any(key in v for v in summary["dense_vs_moe"].values())]
+        lines += ["", "## Dense vs MoE (`make demo MOE=1`)", "",
+                  "The MoE is the base model upcycled into the `tiny-moe` shape (8 experts of 96, 2 active, a shared "
+                  "expert), then trained by the same recipes on the same D and P. Each cell: dense / MoE.", "",
+                  "| model | " + " | ".join(title for _, title in keys) + " |", "|---|" + "---|" * len(keys)]
+        for stage, values in summary["dense_vs_moe"].items():
+            lines.append(f"| {stage} | " + " | ".join(" / ".join(_fmt(v) for v in values.get(key, ["", ""]))
+                                                       for key, _ in keys) + " |")
     if summary["episodes"]:
         lines += ["", "## Online DPO per episode", "", "![reward](reward_by_episode.png)"]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
@@ -206,6 +260,10 @@ def render_screen(summary: dict, out: Path) -> str:
     for name, row in summary["rows"].items():
         out_rows = ", ".join(f"{k} {v}" for k, v in row["outputs"].items() if v)
         lines.append(f"{name:<19}{row['in']:>5} in -> {out_rows or 'nothing'}; quarantined {row['quarantined']}"[:78])
+    for name, row in summary["merging"].items():
+        lines.append(f"{name + ' (' + row['optimizer'] + ')':<34}reward {row['reward_gained']:+.3f}, "
+                     f"tax vs DPO {row.get('tax_vs_dpo', float('nan')):.3f}x, "
+                     f"vs base {row.get('tax_vs_base', float('nan')):.3f}x")
     lines.append("-" * 78)
     slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:6]
     lines.append("slowest: " + ", ".join(f"{n} {s:.0f}s" for n, s in slowest))
