@@ -59,6 +59,9 @@ _CARRIED_FIELDS = (
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 
+# An MoE preset's shape, in the order `upcycle` takes it: routed experts, experts per token, expert and shared widths.
+MOE_SHAPE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
 def moe_config(
     dense: Qwen2Config,
     num_experts: int,

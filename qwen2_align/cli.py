@@ -23,7 +23,7 @@ from alignment.model import PRESETS
 from alignment.recipe_loader import RecipeError
 from alignment.stages import StageError
 from alignment.tokenizer import TokenizerError
-from alignment.upcycle import upcycle
+from alignment.upcycle import MOE_SHAPE, upcycle
 from data_synthesis.annotate_app import Annotate
 
 from . import stage_table
@@ -185,7 +185,6 @@ def _add_push_data(p: argparse.ArgumentParser) -> None:
                           "hub-data")
 
 
-_MOE_SHAPE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def _add_upcycle(p: argparse.ArgumentParser) -> None:
@@ -204,10 +203,10 @@ def _add_upcycle(p: argparse.ArgumentParser) -> None:
 
 def _run_upcycle(a: argparse.Namespace) -> int:
     preset = PRESETS[a.preset] if a.preset else {}
-    flags = dict(zip(_MOE_SHAPE, (a.num_experts, a.top_k, a.expert_size, a.shared_size)))
+    flags = dict(zip(MOE_SHAPE, (a.num_experts, a.top_k, a.expert_size, a.shared_size)))
     shape = {k: preset.get(k) if v is None else v for k, v in flags.items()}
     names = ("--num-experts", "--top-k", "--expert-size", "--shared-size")
-    missing = [flag for flag, k in zip(names, _MOE_SHAPE) if shape[k] is None]
+    missing = [flag for flag, k in zip(names, MOE_SHAPE) if shape[k] is None]
     if missing:
         print(f"qwen2-align upcycle: give --preset or {', '.join(missing)}", file=sys.stderr)
         return 2

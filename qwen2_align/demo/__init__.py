@@ -25,7 +25,7 @@ from alignment.atomic import atomic_write_text
 from alignment.model.presets import PRESETS
 from alignment.recipe_loader import read_yaml
 from alignment.stages import RunDirTaken
-from alignment.upcycle import upcycle
+from alignment.upcycle import MOE_SHAPE, upcycle
 
 from .. import stage_table
 from ..hub import push, push_data
@@ -83,8 +83,7 @@ def _upcycle(base: str) -> None:
     """The MoE of `tiny-moe`'s shape upcycled from the base model (seconds; redone whenever it is missing)."""
     if not Path(MOE_BASE, "config.json").exists():
         shape = PRESETS["tiny-moe"]
-        upcycle(base, MOE_BASE, shape["num_experts"], shape["num_experts_per_tok"], shape["moe_intermediate_size"],
-                shape["shared_expert_intermediate_size"], norm_topk_prob=shape["norm_topk_prob"],
+        upcycle(base, MOE_BASE, *(shape[key] for key in MOE_SHAPE), norm_topk_prob=shape["norm_topk_prob"],
                 router_aux_loss_coef=shape["router_aux_loss_coef"])
 
 

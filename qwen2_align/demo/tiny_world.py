@@ -193,9 +193,9 @@ class TinyWorld:
 
     def principle_cases(self) -> tuple[list[tuple], list[tuple]]:
         """(training cases, held-out cases): half of each principle's cases held out."""
-        train, held_out = [], []
-        for principle in dict.fromkeys(case[0] for case in principle_cases()):
-            cases = [case for case in principle_cases() if case[0] == principle]
+        train, held_out, every = [], [], principle_cases()
+        for principle in dict.fromkeys(case[0] for case in every):
+            cases = [case for case in every if case[0] == principle]
             random.Random(f"{self.seed}:{principle}").shuffle(cases)
             train += cases[len(cases) // 2:]
             held_out += cases[:len(cases) // 2]
